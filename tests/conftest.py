@@ -1,0 +1,46 @@
+"""Shared test fixtures: tiny random-init HF models (built from a config) and the real tokenizer."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from e3rl.config import ModelConfig  # noqa: E402
+
+TINY = {
+    "qwen3": dict(model_type="qwen3", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=1024, tie_word_embeddings=True),
+    "qwen2": dict(model_type="qwen2", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, tie_word_embeddings=True),
+    "llama": dict(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, tie_word_embeddings=True),
+}
+
+
+def tiny_model_config(family: str = "qwen3", init_std: float = 0.2, attn: str = "sdpa") -> ModelConfig:
+    """A random-init model over the real SmolLM2 tokenizer's vocab; init_std > HF's 0.02 so logits
+    are far from uniform and equivalence tests can fail."""
+    return ModelConfig(path="random", random_init=TINY[family], init_std=init_std,
+                       tokenizer="builtin:smollm2-135m-instruct", attn_implementation=attn, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from e3rl.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from e3rl.models import load_model
+
+    return load_model(tiny_model_config(), seed=0)
