@@ -412,6 +412,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                "write a whole number")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
                f"expected a number, got {value!r}", "write a number such as 0.5 or 1e-6")
         return float(value)
