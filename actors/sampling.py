@@ -1,0 +1,39 @@
+"""Token sampling with temperature, top-k and top-p from a seeded `torch.Generator`.
+
+Sampling draws only from the generator it is given, so a generator seeded once reproduces a whole
+rollout (the plain class and its Ray shell give identical output). Behaviour log-probs are not
+computed here: they are scored under logits / T by `e3rl.core.surprisal.token_logprobs`, which
+the learner recomputes the same way.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf. [B, V] -> [B, V]; no-op when both are off."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Next tokens [B] (long) from logits [B, V]; temperature 0 = greedy (no randomness consumed)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    z = filter_logits(z, top_k, top_p)
+    probs = z.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
