@@ -1,0 +1,108 @@
+"""Connecting to Ray: a cluster address (config or $RAY_ADDRESS) or an embedded local Ray.
+
+Failures are answered in seconds with one line: an address that does not answer is probed with
+a TCP connect before `ray.init` (which can otherwise retry for minutes), and resources the
+cluster does not have are refused before any actor is created (an actor would pend forever).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import urlparse
+
+from e3rl.config import Config, ConfigError, ResourcesConfig
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    address: str
+    embedded: bool
+    dashboard_url: str
+    metrics_export_port: Optional[int]
+
+
+def cluster_address(r: ResourcesConfig) -> str:
+    """The address to join: config first, then $RAY_ADDRESS; empty means embedded."""
+    return r.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    """TCP-connect to host:port of a Ray address; `auto`/`local` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise ConfigError(f"resources.address: {address!r} is not host:port — e.g. 10.0.0.1:6379 or ray://head:10001")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"resources.address: Ray at {host}:{port} did not answer within {timeout_s:.0f}s ({e.strerror or e}) — "
+            "start it with `ray start --head`, fix the address, or leave it empty for an embedded Ray"
+        ) from None
+
+
+def connect(cfg: Config) -> RayInfo:
+    """Join the configured cluster or start an embedded one sized to this machine."""
+    import ray
+
+    r = cfg.resources
+    address = cluster_address(r)
+    runtime_env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
+                                "TOKENIZERS_PARALLELISM": "false"}}
+    runtime_env["env_vars"] = {k: v for k, v in runtime_env["env_vars"].items() if v}
+    if address:
+        _probe(address, r.connect_timeout_s)
+        info = ray.init(address=address, runtime_env=runtime_env)
+        embedded = False
+    else:
+        # Decide the auth mode explicitly: left unset, an embedded Ray writes a token file that
+        # later breaks `ray start` / `ray job submit` on this machine (NOTES.md).
+        os.environ.setdefault("RAY_AUTH_MODE", r.auth_mode)
+        kw = {}
+        if r.metrics_export_port:
+            kw["_metrics_export_port"] = r.metrics_export_port
+        info = ray.init(
+            address="local",
+            num_cpus=r.embedded_cpus or os.cpu_count(),
+            include_dashboard=True,
+            dashboard_host=r.dashboard_host,
+            runtime_env=runtime_env,
+            **kw,
+        )
+        embedded = True
+    ctx = ray.get_runtime_context()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == ctx.get_node_id()), {})
+    return RayInfo(
+        address=ctx.gcs_address,
+        embedded=embedded,
+        dashboard_url=getattr(info, "dashboard_url", "") or "",
+        metrics_export_port=node.get("MetricsExportPort"),
+    )
+
+
+def check_resources(cfg: Config) -> None:
+    """Refuse a run the cluster cannot place, naming the field to change."""
+    import ray
+
+    r, l = cfg.resources, cfg.learner
+    have = ray.cluster_resources()
+    need_cpu = r.num_generators * r.cpus_per_generator + l.num_workers * r.cpus_per_learner
+    need_gpu = r.num_generators * r.gpus_per_generator + l.num_workers * r.gpus_per_learner
+    cpu, gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if need_gpu > gpu + 1e-9:
+        raise ConfigError(
+            f"resources.gpus_per_generator: the run needs {need_gpu:g} GPUs "
+            f"({r.num_generators} generators x {r.gpus_per_generator:g} + {l.num_workers} learners x "
+            f"{r.gpus_per_learner:g}) but the cluster has {gpu:g} — lower them or add GPU nodes"
+        )
+    if need_cpu > cpu + 1e-9:
+        raise ConfigError(
+            f"resources.cpus_per_generator: the run needs {need_cpu:g} CPUs "
+            f"({r.num_generators} x {r.cpus_per_generator:g} + {l.num_workers} x {r.cpus_per_learner:g}) "
+            f"but the cluster has {cpu:g} — use fractional CPUs (e.g. 0.5) or fewer actors"
+        )
