@@ -1,0 +1,65 @@
+"""The run directory: what a run leaves behind, written so nothing is half-written or lost.
+
+    <output_dir>/config.yaml      the resolved config (the run's identity)
+                 metrics.jsonl    one line per step
+                 tensorboard/     TensorBoard events
+                 checkpoints/     DeepSpeed checkpoints (atomic, keep-last-N, `latest` pointer)
+                 policy/          final HF-format policy (save_pretrained + tokenizer)
+                 summary.json     steps, samples, reward first/last, accuracy, rewinds, tokens/s, phase times
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e3rl.config import Config, ConfigError, config_from_dict, save_config
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=float))
+    os.replace(tmp, path)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out
+
+
+# Fields that may change between a run and its resumption without making it another run.
+_RESUMABLE_CHANGES = ("run.steps", "run.progress", "resources.", "run.eval_every", "run.save_every")
+
+
+def prepare(cfg: Config) -> Path:
+    """Create or reopen the run dir. A dir holding a *different* run is refused, never overwritten."""
+    out = Path(cfg.run.output_dir)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        try:
+            old = config_from_dict(yaml.safe_load(saved.read_text()))
+        except (ConfigError, yaml.YAMLError):
+            old = None
+        diffs = ["(unreadable config.yaml)"] if old is None else _differences(old.to_dict(), cfg.to_dict())
+        diffs = [d for d in diffs if not d.startswith(_RESUMABLE_CHANGES)]
+        if diffs or cfg.run.resume == "never":
+            why = f"it differs in {', '.join(diffs[:4])}" if diffs else "run.resume=never"
+            raise ConfigError(
+                f"run.output_dir: {out} holds another run ({why}) — choose a new run.output_dir "
+                "or resume it with the same config and run.resume=auto"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"run.output_dir: {out} is not empty and holds no e3rl run — choose a new run.output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return out
