@@ -1,0 +1,89 @@
+"""reasoning-gym tasks as `Problem`s, scored by the task's own `score_answer`.
+
+Gym answers are plain strings (`-4`, `True`, a word) and `score_answer` is close to exact match
+(`" -4 "` scores 0.5, `"\\boxed{-4}"` 0.2), so the model is told to box its answer and the box
+content is handed to the scorer. Problems carry enough in `meta` to rebuild the exact dataset
+entry anywhere (a Ray worker, a reward subprocess): generation is seeded and deterministic.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from functools import lru_cache
+from typing import Any
+
+from e3rl.tasks.base import LoadStats, Problem, answer_text, last_boxed
+
+logger = logging.getLogger(__name__)
+
+GYM_INSTRUCTION = ("Please reason step by step, and put your final answer within \\boxed{}, "
+                   "giving only the answer itself, e.g. \\boxed{-4}.")
+"""Like the math instruction, plus the exact-answer rule the gym scorers need."""
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@lru_cache(maxsize=32)
+def _dataset(name: str, size: int, seed: int, config_json: str) -> Any:
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(name, size=size, seed=seed, **json.loads(config_json))
+
+
+def _json_safe(entry: dict[str, Any]) -> dict[str, Any]:
+    """Entry with tuples as lists and anything exotic as str, so it survives JSON/Arrow records."""
+    return json.loads(json.dumps(entry, default=str))
+
+
+def load_gym(name: str, size: int, seed: int = 0, source: str | None = None,
+             **config: Any) -> tuple[list[Problem], LoadStats]:
+    """`size` problems of the reasoning-gym task `name` (extra kwargs go to its config)."""
+    config_json = json.dumps(config, sort_keys=True)
+    ds = _dataset(name, size, seed, config_json)
+    src = source or f"rg/{name}"
+    problems: list[Problem] = []
+    for i in range(size):
+        entry = ds[i]
+        gold, text = answer_text(entry.get("answer")), answer_text(entry.get("question"))
+        if gold is None or text is None:
+            continue
+        meta = {"rg_task": name, "rg_index": i, "rg_size": size, "rg_seed": seed,
+                "rg_config": json.loads(config_json), "rg_entry": _json_safe(entry)}
+        problems.append(Problem(uid=f"{src}/{seed}/{i}", prompt=text, answer=gold, source=src,
+                                meta=meta))
+    stats = LoadStats(total=size, kept=len(problems), skipped_no_answer=size - len(problems),
+                      skipped_filtered=0)
+    return problems, stats
+
+
+def is_gym(problem: Problem) -> bool:
+    return "rg_task" in problem.meta
+
+
+def extract_gym_answer(response: str) -> str | None:
+    """The last `\\boxed{}` content, else the last `<answer>...</answer>` (gym's own convention)."""
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return boxed
+    tags = _ANSWER_TAG.findall(response)
+    return tags[-1].strip() if tags else None
+
+
+def score_gym(problem: Problem, response: str) -> float:
+    """Score a response with the task's own scorer, on the original (not JSON-mangled) entry.
+
+    The dataset is re-created from (task, size, seed, config) and cached per process. If this
+    reasoning-gym version generates a different question at that index, the stored entry is used.
+    """
+    m = problem.meta
+    answer = extract_gym_answer(response)
+    if answer is None:
+        return 0.0
+    ds = _dataset(m["rg_task"], m["rg_size"], m["rg_seed"], json.dumps(m["rg_config"], sort_keys=True))
+    entry = ds[m["rg_index"]]
+    if entry["question"] != problem.prompt:
+        logger.warning("reasoning-gym %s[%d] differs from the stored problem; scoring the stored "
+                       "entry", m["rg_task"], m["rg_index"])
+        entry = m["rg_entry"]
+    return float(ds.score_answer(answer, entry))
