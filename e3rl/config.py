@@ -70,8 +70,9 @@ class DataConfig:
     """Keep rows with difficulty <= this."""
     max_prompt_tokens: int = 1024
     """Drop prompts longer than this after the chat template."""
-    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    """Appended to every question: how the model must state its answer."""
+    instruction: str = "auto"
+    """Appended to every question: how to state the answer. `auto`: the boxed-answer instruction
+    of the task family (gym tasks also ask for the bare answer in the box)."""
     system_prompt: str = ""
     """Optional system message for the chat template."""
     seed: int = 0

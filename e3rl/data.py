@@ -1,0 +1,77 @@
+"""From the config to problems and prompt token ids: the one place data sources are resolved.
+
+`data.train` / `data.eval` entries are `gym:<task>` (reasoning-gym, generated offline), a local
+parquet/jsonl file, or a hub dataset name (DeepMath-103K, AIME, MATH500 schemas). Held-out gym
+sets use a disjoint seed so no training problem is evaluated on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e3rl.config import Config, ConfigError
+from e3rl.tasks.base import DEFAULT_INSTRUCTION, LoadStats, Problem, build_prompt
+from e3rl.tasks.gym import GYM_INSTRUCTION, load_gym
+from e3rl.tasks.math_data import load_math
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class Workload:
+    train: list[Problem]
+    evals: dict[str, list[Problem]]
+    stats: dict[str, LoadStats]
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or Path(spec).suffix in (".jsonl", ".json", ".parquet")
+
+
+def load_source(spec: str, size: int, seed: int, cfg: Config, tokenizer: Any, field: str) -> tuple[list[Problem], LoadStats]:
+    d = cfg.data
+    if spec.startswith("gym:"):
+        if size <= 0:
+            raise ConfigError(f"{field}: gym tasks are generated and need a size — set data.train_size / data.eval_size")
+        try:
+            return load_gym(spec[4:], size, seed, **d.gym_kwargs)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"{field}: reasoning-gym could not build {spec!r} ({e}) — check the task name and data.gym_kwargs") from None
+    if _looks_local(spec) and not Path(spec).expanduser().exists():
+        raise ConfigError(f"{field}: dataset file {spec!r} does not exist — give a parquet/jsonl path, a hub name, or gym:<task>")
+    difficulty = None if (d.difficulty_min, d.difficulty_max) == (0.0, 10.0) else (d.difficulty_min, d.difficulty_max)
+    try:
+        return load_math(spec, format=None if d.format == "auto" else d.format, difficulty=difficulty,
+                         max_prompt_len=d.max_prompt_tokens, tokenizer=tokenizer, n=size or None, seed=seed)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{field}: {e} — give an existing parquet/jsonl path") from None
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e} — use data.format or a file with those columns") from None
+
+
+def load_workload(cfg: Config, tokenizer: Any) -> Workload:
+    d = cfg.data
+    train, stats = load_source(d.train, d.train_size, d.seed, cfg, tokenizer, "data.train")
+    all_stats = {"train": stats}
+    evals = {}
+    for spec in d.eval:
+        probs, st = load_source(spec, d.eval_size, d.seed + EVAL_SEED_OFFSET, cfg, tokenizer, "data.eval")
+        evals[spec] = probs
+        all_stats[f"eval:{spec}"] = st
+    return Workload(train, evals, all_stats)
+
+
+def instruction_for(cfg: Config, problem: Problem) -> str:
+    if cfg.data.instruction != "auto":
+        return cfg.data.instruction
+    return GYM_INSTRUCTION if "rg_task" in problem.meta else DEFAULT_INSTRUCTION
+
+
+def encode_prompts(cfg: Config, problems: list[Problem], tokenizer: Any) -> list[list[int]]:
+    """Chat-templated prompt token ids (the template already holds any BOS token)."""
+    out = []
+    for p in problems:
+        text = build_prompt(p, tokenizer, instruction_for(cfg, p), cfg.data.system_prompt or None)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
