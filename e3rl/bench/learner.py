@@ -1,0 +1,256 @@
+"""`python -m e3rl.bench learner --out FILE.json`: ZeRO-3 learner step vs plain torch, weight sync.
+
+Prints and writes: plain-torch step seconds (one process, all cores), ZeRO-3 step seconds (2
+workers in Ray, same batch, same model), their ratio `zero3_vs_torch_step`, the weight-broadcast
+seconds and bytes, and the floor: ray.put + ray.get of a buffer of the same bytes.
+
+Also home of `synthetic_trajectories`: realistic erasure layouts built with the core's mask math,
+shared with tests/learner.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from e3rl.core.trajectory import SegmentTable, Trajectory, stream_position_ids
+
+BENCH_MODEL = dict(model_type="qwen3", vocab_size=8192, hidden_size=192, intermediate_size=512,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=48,
+                   max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+# ------------------------------------------------------------------ synthetic trajectories
+def build_trajectory(prompt_ids: torch.Tensor, attempts: Sequence[tuple[int, torch.Tensor, bool]],
+                     uncertainty: Sequence[float], group_id: int = 0, sample_index: int = 0,
+                     reward: float = 0.0) -> Trajectory:
+    """One trajectory from segment attempts (position n, tokens, erased) in generation order.
+
+    An erased attempt [s, e) is rewound right after its last token, so erased_at = e for it: the
+    replacement's first token (stream index e) is the first that no longer sees it.
+    """
+    p = prompt_ids.numel()
+    stream = torch.cat([tok for _, tok, _ in attempts])
+    erased_at = torch.full((stream.numel(),), -1, dtype=torch.long)
+    starts, ends, counts, seen = [], [], [], {}
+    start = 0
+    for n, tok, erased in attempts:
+        end = start + tok.numel()
+        if erased:
+            erased_at[start:end] = end
+        starts.append(start), ends.append(end), counts.append(seen.get(n, 0))
+        seen[n] = seen.get(n, 0) + int(erased)
+        start = end
+    r = len(attempts)
+    segs = SegmentTable(
+        position=torch.tensor([a[0] for a in attempts]), start=torch.tensor(starts), end=torch.tensor(ends),
+        uncertainty=torch.tensor(list(uncertainty), dtype=torch.float32), threshold=torch.full((r,), float("inf")),
+        erase_count=torch.tensor(counts), erased=torch.tensor([a[2] for a in attempts]),
+    )
+    return Trajectory(
+        prompt_ids=prompt_ids.long(), stream_ids=stream.long(), behavior_logp=torch.zeros(stream.numel()),
+        surprisal=torch.zeros(stream.numel()), erased_at=erased_at, position_ids=stream_position_ids(p, erased_at),
+        segments=segs, group_id=group_id, sample_index=sample_index, reward=reward,
+        rewinds=int(sum(a[2] for a in attempts)),
+    )
+
+
+def synthetic_trajectories(n_groups: int, group_size: int, prompt_len: int = 8, seg_len: int = 6,
+                           n_segments: int = 3, erase_prob: float = 0.4, vocab: int = 1000,
+                           seed: int = 0) -> list[Trajectory]:
+    """Groups sharing a prompt, random tokens, random erasures (<= 1 per position), mixed rewards."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gi in range(n_groups):
+        prompt = torch.randint(1, vocab, (prompt_len + gi % 3,), generator=g)
+        for si in range(group_size):
+            attempts = []
+            for n in range(n_segments):
+                length = seg_len + int(torch.randint(-2, 3, (1,), generator=g))
+                if n < n_segments - 1 and float(torch.rand(1, generator=g)) < erase_prob:
+                    attempts.append((n, torch.randint(1, vocab, (length,), generator=g), True))
+                attempts.append((n, torch.randint(1, vocab, (length,), generator=g), False))
+            unc = torch.rand(len(attempts), generator=g).tolist()
+            reward = float(si % 2) if si < 2 else float(torch.rand(1, generator=g) < 0.5)
+            out.append(build_trajectory(prompt, attempts, unc, group_id=gi, sample_index=si, reward=reward))
+    return out
+
+
+@torch.no_grad()
+def fill_behavior_logp(trajs: list[Trajectory], model: torch.nn.Module, temperature: float, noise: float = 0.05,
+                       seed: int = 0) -> None:
+    """Behaviour log-probs = the model's own (one stream forward) + noise: ratios near 1, some clipped."""
+    from learner.stream_batch import StreamPolicy, collate, policy_forward, stream_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    batch = collate(trajs, pad_id=0)
+    logp = stream_logprobs(policy_forward(StreamPolicy(model), batch), batch, temperature)
+    for i, t in enumerate(trajs):
+        s = t.stream_ids.numel()
+        t.behavior_logp = logp[i, :s] + noise * torch.randn(s, generator=g)
+
+
+# ------------------------------------------------------------------ plain-torch baseline
+class TorchStep:
+    """The same update as the ZeRO-3 learner in one process: stream forward, advantages, loss, AdamW."""
+
+    def __init__(self, cfg, model: torch.nn.Module):
+        from learner.advantages import AdvantageSpec
+        from learner.stream_batch import StreamPolicy, install_attention_capture
+
+        self.cfg, self.policy = cfg, StreamPolicy(model)
+        self.spec = AdvantageSpec.from_config(cfg)
+        self.capture = install_attention_capture(model) if self.spec.needs_attention else None
+        lc = cfg.learner
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=lc.betas, eps=1e-8, weight_decay=lc.weight_decay)
+
+    def __call__(self, trajs: list[Trajectory]) -> float:
+        from e3rl.core.loss import LOSSES, LossInputs, LossSettings
+        from learner.advantages import batch_token_advantages, outcome_advantages
+        from learner.stream_batch import collate, logprobs_and_entropy, pad_tokens, policy_forward, split_attention
+
+        a, mbs = self.cfg.algo, self.cfg.learner.micro_batch_size
+        outcome = outcome_advantages(trajs, self.spec.estimator)
+        settings = LossSettings(a.clip_low, a.clip_high, a.loss_agg, 0.0, self.cfg.gen.max_new_tokens,
+                                float(sum(t.stream_ids.numel() for t in trajs)), float(len(trajs)))
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, len(trajs), mbs):
+            mb = trajs[i : i + mbs]
+            b = collate(mb, 0, torch.float32, self.spec.answer_tokens)
+            if self.capture is not None:
+                self.capture.arm(b.answer_index)
+            logits = policy_forward(self.policy, b)
+            attn = self.capture.disarm() if self.capture is not None else None
+            logp, _ = logprobs_and_entropy(logits, b, self.cfg.gen.temperature)  # entropy: logged like the learner
+            adv = pad_tokens(batch_token_advantages(mb, outcome[i : i + mbs], self.spec,
+                                                    split_attention(attn, b) if attn is not None else None), b.mask.shape[1])
+            loss, _ = LOSSES[a.loss](LossInputs(logp, b.old_logp, adv, b.mask), settings)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.learner.grad_clip)
+        self.opt.step()
+        return total
+
+
+# ------------------------------------------------------------------ the benchmark
+def _bench_config(workers: int, mbs: int, n_groups: int, group_size: int):
+    from e3rl.config import AlgoConfig, Config, GenConfig, LearnerConfig, ModelConfig, ResourcesConfig
+
+    return Config(
+        model=ModelConfig(path="random", random_init=BENCH_MODEL, init_std=0.05, device="cpu"),
+        learner=LearnerConfig(num_workers=workers, lr=1e-5, micro_batch_size=mbs),
+        algo=AlgoConfig(prompts_per_step=n_groups, allocation="attention"),
+        gen=GenConfig(group_size=group_size, temperature=1.0),
+        resources=ResourcesConfig(cpus_per_learner=1.0),
+    ).validate()
+
+
+def _interleaved_medians(fns: dict, steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each fn, alternating them every repetition so that load from
+    other processes on a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(warmup + steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _with_threads(n: int, fn):
+    def run():
+        torch.set_num_threads(n)
+        fn()
+    return run
+
+
+def _object_store_floor(num_bytes: int, repeats: int = 3) -> float:
+    """ray.put + ray.get of one buffer of the same size: the transport's lower bound."""
+    import numpy as np
+    import ray
+
+    buf = np.ones(num_bytes, dtype=np.uint8)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ray.get(ray.put(buf))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m e3rl.bench learner", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="", help="write the JSON here too")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--seg-len", type=int, default=24)
+    ap.add_argument("--segments", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(list(argv or []))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from e3rl.models import load_model
+    from learner.group import LearnerGroup
+
+    n = args.groups * args.group_size
+    mbs = max(1, n // args.workers)
+    cfg = _bench_config(args.workers, mbs, args.groups, args.group_size)
+    model = load_model(cfg.model, seed=cfg.run.seed)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    trajs = synthetic_trajectories(args.groups, args.group_size, args.prompt_len, args.seg_len, args.segments,
+                                   vocab=BENCH_MODEL["vocab_size"], seed=1)
+    fill_behavior_logp(trajs, model, cfg.gen.temperature)
+    tokens = sum(t.prompt_ids.numel() + t.stream_ids.numel() for t in trajs)
+    thread_counts = sorted({1, os.cpu_count() or 1})
+    torch_models = {k: load_model(cfg.model, seed=cfg.run.seed) for k in thread_counts}  # same init as `init`
+    fns = {f"torch_{k}t": _with_threads(k, lambda s=TorchStep(cfg, m): s(trajs)) for k, m in torch_models.items()}
+
+    ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        group = LearnerGroup(cfg, init_state=init)
+        setup_s = time.perf_counter() - t0
+        fns["zero3"] = lambda: group.train_step(trajs)
+        med = _interleaved_medians(fns, args.steps, args.warmup)
+        t0 = time.perf_counter()
+        handle = group.publish_weights()
+        state = ray.get(handle.ref)
+        sync_s = time.perf_counter() - t0
+        floor_s = _object_store_floor(handle.num_bytes)
+        group.shutdown()
+    finally:
+        ray.shutdown()
+    torch_name = min((k for k in med if k.startswith("torch")), key=med.get)  # a 2nd thread may only stall
+    zero_s, torch_s = med["zero3"], med[torch_name]
+    mine = torch_models[thread_counts[-1]].state_dict()  # same number of updates on the same batch
+    diff = max(float((state[k] - mine[k]).abs().max()) for k in mine)
+    params = sum(p.numel() for p in model.parameters())
+    result = {
+        "model_params": params, "batch_sequences": n, "batch_tokens": tokens, "workers": args.workers,
+        "micro_batch_size": mbs, "torch_best": torch_name,
+        "step_s_medians": {k: round(v, 4) for k, v in med.items()}, "load_avg_1m": round(os.getloadavg()[0], 2),
+        "torch_step_s": round(torch_s, 4), "zero3_step_s": round(zero_s, 4),
+        "zero3_vs_torch_step": round(zero_s / torch_s, 3), "zero3_setup_s": round(setup_s, 2),
+        "zero3_vs_torch_max_weight_diff": diff, "updates_each": args.steps + args.warmup,
+        "weight_sync_s": round(sync_s, 4), "weight_sync_bytes": handle.num_bytes,
+        "weight_sync_tensors": len(state), "object_store_floor_s": round(floor_s, 4),
+        "weight_sync_vs_floor": round(sync_s / max(floor_s, 1e-9), 2),
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0

@@ -1,0 +1,134 @@
+"""The learner group: N ZeRO-3 ranks as Ray actors behind one object; each call fans out and gathers.
+
+Placement: one bundle per rank ({CPU: resources.cpus_per_learner, GPU: gpus_per_learner}) in a
+placement group with `resources.placement_strategy`. If the cluster cannot hold it within
+`placement_timeout_s` we remove it and raise one clear line instead of pending forever.
+Rendezvous: rank 0 reports its node IP and a free port; every rank uses them as MASTER_ADDR/PORT
+and joins torch.distributed (gloo on CPU, NCCL on GPU, chosen from the device).
+Data: `train_step` puts the batch in the object store once; every rank reads the same object.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from e3rl.config import Config
+from e3rl.core.trajectory import Trajectory
+from learner import checkpoint as ckpt
+from learner.weights import WeightHandle
+
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class PlacementError(RuntimeError):
+    """The learner's placement group could not be satisfied in time."""
+
+
+def bundle(cfg: Config) -> dict[str, float]:
+    r = cfg.resources
+    b = {"CPU": r.cpus_per_learner, "GPU": r.gpus_per_learner}
+    b = {k: v for k, v in b.items() if v > 0}
+    return b or {"CPU": 0.01}  # Ray rejects empty bundles
+
+
+def default_runtime_env(cfg: Config, extra_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Actors need our packages on their path (they do not see the driver's sys.path) and, on
+    CPU, DeepSpeed's CPU accelerator chosen up front (skips its accelerator probing)."""
+    path = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path}
+    if cfg.resources.gpus_per_learner == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.update(extra_env or {})
+    return {"env_vars": env}
+
+
+def reserve(cfg: Config, timeout_s: float) -> Any:
+    """A ready placement group for the learner ranks, or PlacementError after `timeout_s`."""
+    n, b = cfg.learner.num_workers, bundle(cfg)
+    pg = placement_group([dict(b) for _ in range(n)], strategy=cfg.resources.placement_strategy)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        have = ray.available_resources()
+        raise PlacementError(
+            f"learner: {n} x {b} ({cfg.resources.placement_strategy}) not placeable within {timeout_s:.0f}s; "
+            f"available {{CPU: {have.get('CPU', 0):g}, GPU: {have.get('GPU', 0):g}}} — lower "
+            f"learner.num_workers or resources.cpus_per_learner/gpus_per_learner, or add nodes") from None
+    return pg
+
+
+class LearnerGroup:
+    """N learner ranks; every method is one fan-out + gather and returns rank 0's answer."""
+
+    def __init__(self, cfg: Config, init_state: Optional[dict[str, torch.Tensor]] = None,
+                 placement_timeout_s: float = 60.0, extra_env: Optional[dict[str, str]] = None):
+        from learner.actor import LearnerActor
+
+        self.cfg = cfg
+        n, b = cfg.learner.num_workers, bundle(cfg)
+        self.pg = reserve(cfg, placement_timeout_s)
+        env = default_runtime_env(cfg, extra_env)
+        self.workers = [
+            LearnerActor.options(
+                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), runtime_env=env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(cfg, i, n)
+            for i in range(n)
+        ]
+        try:
+            addr, port = ray.get(self.workers[0].master_address.remote())
+            state = ray.put(init_state) if init_state is not None else None
+            self.info = self._all("setup", addr, port, state)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
+        """`algo.updates_per_batch` optimizer steps on one batch. -> the last step's metrics."""
+        ref = ray.put(list(trajs))
+        out: dict[str, float] = {}
+        for _ in range(self.cfg.algo.updates_per_batch):
+            out = self._all("train_step", ref)[0]
+        return out
+
+    def publish_weights(self) -> WeightHandle:
+        """Gather on rank 0, one ray.put; generators `ray.get(handle.ref)` (see learner.weights)."""
+        return self._all("publish_weights")[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._all("state_dict")[0]
+
+    def forward_logits(self, trajs: Sequence[Trajectory]) -> torch.Tensor:
+        return self._all("forward_logits", list(trajs))[0]
+
+    def save_checkpoint(self, root: str, step: int, keep_last: Optional[int] = None) -> str:
+        return self._all("save_checkpoint", str(root), step, keep_last)[0]
+
+    def load_checkpoint(self, root_or_dir: str) -> Optional[dict[str, Any]]:
+        """Restore the newest complete checkpoint under a root (or a given dir); None if none."""
+        p = Path(root_or_dir)
+        d = p if ckpt.is_complete(p) else ckpt.latest_checkpoint(p)
+        if d is None:
+            return None
+        return self._all("load_checkpoint", str(d))[0]
+
+    def export_hf(self, out_dir: str) -> str:
+        return self._all("export_hf", str(out_dir))[0]
+
+    def shutdown(self) -> None:
+        for w in getattr(self, "workers", []):
+            ray.kill(w)
+        self.workers = []
+        if getattr(self, "pg", None) is not None:
+            remove_placement_group(self.pg)
+            self.pg = None

@@ -1,0 +1,312 @@
+"""The ZeRO-3 learner: one plain object per data-parallel rank (Ray wraps it in actor.py).
+
+Every rank receives the WHOLE batch (whole groups: outcome advantages need them), takes its
+length-balanced shard, and runs the same number of micro-batches (ZeRO-3's collectives must
+match), padding with zero-weight dummies. Each micro-batch is ONE forward over prompt + stream
+(kept and erased tokens) with the stream mask; the answer rows' attention is captured in that same
+forward when the allocation is `attention`.
+
+Loss scale: micro-batch losses use GLOBAL denominators (all tokens / sequences of the batch), so
+their sum over micro-batches and ranks is the full-batch loss. We call
+`engine.backward(loss * world_size, scale_wrt_gas=False)` because DeepSpeed would otherwise divide
+by its fixed accumulation steps, and ZeRO averages gradients over ranks (divides by world_size).
+We set the accumulation boundary ourselves, so a batch may hold any number of sequences.
+A non-finite loss on any rank is turned into NaN gradients; ZeRO-3 then sees a non-finite global
+grad norm on every rank and skips the optimizer step (weights untouched); we count it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from e3rl.config import Config
+from e3rl.core.loss import LOSSES, LossInputs, LossSettings
+from e3rl.core.trajectory import Trajectory
+from e3rl.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from learner import checkpoint as ckpt
+from learner.advantages import AdvantageSpec, batch_token_advantages, outcome_advantages
+from learner.ds_config import build_ds_config
+from learner.stream_batch import (StreamBatch, StreamPolicy, collate, install_attention_capture, logprobs_and_entropy,
+                                  pad_tokens, policy_forward, split_attention, stream_logprobs)
+from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def skip_shm_comm_build() -> None:
+    """Stop DeepSpeed's CPU accelerator from JIT-compiling its shared-memory comm op.
+
+    `deepspeed.comm.torch.TorchBackend.__init__` calls `build_shm_op()`, which runs g++ for
+    48-90 s on a cold machine. The op backs only `inference_all_reduce` (tensor-parallel
+    inference); ZeRO training communicates through torch.distributed (gloo), and
+    `inference_all_reduce` falls back to it when the op is absent. `build_shm_op` returning None
+    is DeepSpeed's own "op not available" path, so we take exactly that path.
+    """
+    # importlib, not `import deepspeed.comm.torch as m`: that resolves to the `torch` attribute
+    # of deepspeed.comm, which is the real torch module.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device) -> None:
+    """torch.distributed through DeepSpeed: gloo on CPU, NCCL on GPU; rank 0's address as master."""
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    if device.type == "cpu":
+        skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+class LearnerWorker:
+    """One ZeRO-3 rank. `__init__` is cheap; `setup` joins the process group and builds the engine."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = resolve_device(cfg.model.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.spec = AdvantageSpec.from_config(cfg)
+        self.version = 0
+        self.skipped_steps = 0
+        self.engine: Any = None
+        self.ref_engine: Any = None
+        self.capture = None
+        self._times: dict[str, float] = {}
+        self._hf_ds_config = None  # must outlive a model built under it (transformers holds a weakref)
+
+    # ------------------------------------------------------------------ setup
+    def master_address(self) -> tuple[str, int]:
+        """This node's IP and a free port (called on rank 0 to rendezvous the group)."""
+        try:
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+        except Exception:
+            ip = "127.0.0.1"
+        return ip, free_port()
+
+    def setup(self, master_addr: str, master_port: int, init_state: Optional[dict[str, torch.Tensor]] = None,
+              seed: Optional[int] = None) -> dict[str, Any]:
+        """Join the group and build the engine from config, or from `init_state` (a HF state_dict)."""
+        import deepspeed
+
+        t0 = time.perf_counter()
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")  # DS's old c10d names
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes one GPU per learner actor
+        init_distributed(self.rank, self.world_size, master_addr, master_port, self.device)
+        ds = build_ds_config(self.cfg, self.world_size, self.device.type)
+        seed = self.cfg.run.seed if seed is None else seed
+        policy = StreamPolicy(self._build_lm(ds, init_state, seed))
+        if self.spec.needs_attention:
+            self.capture = install_attention_capture(policy.lm)
+        self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=list(policy.parameters()), config=ds)
+        self._set_mode(self.engine)
+        if self.cfg.algo.kl_coef > 0:
+            ref = StreamPolicy(self._build_lm(ds, init_state, seed)).requires_grad_(False)
+            ref_ds = build_ds_config(self.cfg, self.world_size, self.device.type, with_optimizer=False)
+            self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_ds)
+            self.ref_engine.eval()
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in policy.parameters())
+        return {"rank": self.rank, "device": str(self.device), "params": n_params, "setup_s": time.perf_counter() - t0}
+
+    def _build_lm(self, ds: dict, init_state: Optional[dict], seed: int) -> torch.nn.Module:
+        """The HF policy with its real weights.
+
+        Pretrained checkpoints load under `HfDeepSpeedConfig`: transformers builds the model in
+        `zero.Init` and streams the shards into partitions (no full copy per rank). Random test
+        models and explicit state_dicts are built whole, exactly as generators build them (HF
+        init, then the seeded init_std re-init, which writes whole tensors), and
+        `deepspeed.initialize` partitions them. Never a bare `zero.Init` around `from_config`:
+        that skips HF's weight init.
+        """
+        m = self.cfg.model
+        if m.path == "random" or init_state is not None:
+            lm = load_model(m, device=torch.device("cpu"), dtype=self.dtype, seed=seed)
+            if init_state is not None:
+                lm.load_state_dict(init_state, strict=True)
+            return lm.to(self.device)
+        if ds["zero_optimization"]["stage"] == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds)
+        return load_model(m, device=self.device, dtype=self.dtype, seed=seed)
+
+    def _set_mode(self, engine: Any) -> None:
+        """Eval mode (no dropout: ratios must compare like with like) unless activations are
+        checkpointed, which HF only does in train mode."""
+        if self.cfg.learner.gradient_checkpointing:
+            engine.module.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            engine.train()
+        else:
+            engine.eval()
+
+    # ------------------------------------------------------------------ training
+    def _shard(self, trajs: Sequence[Trajectory]) -> tuple[list[list[int]], int]:
+        """Length-balanced shard of this rank, as micro-batches; every rank gets the same count."""
+        n, mbs = len(trajs), self.cfg.learner.micro_batch_size
+        order = sorted(range(n), key=lambda i: trajs[i].prompt_ids.numel() + trajs[i].stream_ids.numel())
+        mine = order[self.rank :: self.world_size]
+        n_micro = max(1, math.ceil(math.ceil(n / self.world_size) / mbs))
+        return [mine[i * mbs : (i + 1) * mbs] for i in range(n_micro)], n_micro
+
+    def _loss_settings(self, trajs: Sequence[Trajectory]) -> LossSettings:
+        a = self.cfg.algo
+        return LossSettings(clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg, kl_coef=a.kl_coef,
+                            norm_len=self.cfg.gen.max_new_tokens,
+                            total_tokens=float(max(1, sum(t.stream_ids.numel() for t in trajs))),
+                            total_seqs=float(len(trajs)))
+
+    def _collate(self, trajs: Sequence[Trajectory]) -> StreamBatch:
+        pad = int(trajs[0].stream_ids[0]) if trajs[0].stream_ids.numel() else 0  # any real id; masked out
+        return collate(trajs, pad, self.dtype, self.spec.answer_tokens).to(self.device)
+
+    def _micro_step(self, trajs: list[Trajectory], outcome: torch.Tensor, settings: LossSettings,
+                    dummy: bool) -> torch.Tensor:
+        """Forward, advantages, loss, backward for one micro-batch. -> local stats [9]."""
+        t0 = time.perf_counter()
+        batch = self._collate(trajs)
+        if dummy:
+            batch.mask.zero_()
+        T = self.cfg.gen.temperature
+        if self.capture is not None:
+            self.capture.arm(batch.answer_index)
+        logits = policy_forward(self.engine, batch)  # [B, S, V]
+        attn = self.capture.disarm() if self.capture is not None else None
+        logp, entropy = logprobs_and_entropy(logits, batch, T)  # [B, S]
+        adv_rows = batch_token_advantages(trajs, outcome, self.spec, split_attention(attn, batch) if attn is not None else None)
+        adv = pad_tokens(adv_rows, batch.mask.shape[1]).to(self.device)  # [B, S]
+        ref_logp = None
+        if self.ref_engine is not None:
+            with torch.no_grad():
+                ref_logp = stream_logprobs(policy_forward(self.ref_engine, batch), batch, T)
+        loss, m = LOSSES[self.cfg.algo.loss](LossInputs(logp, batch.old_logp, adv, batch.mask, ref_logp), settings)
+        finite = bool(torch.isfinite(loss))
+        t1 = time.perf_counter()
+        # Non-finite: NaN gradients make every rank's global norm NaN, so ZeRO-3 skips the step.
+        self.engine.backward(loss * self.world_size if finite else loss * float("nan"), scale_wrt_gas=False)
+        self._times["forward_s"] += t1 - t0
+        self._times["backward_s"] += time.perf_counter() - t1
+        n = batch.mask.sum()
+        diff = ((logp.detach() - batch.old_logp).abs() * batch.mask)
+        return torch.tensor([
+            float(loss.detach()) if finite else 0.0, m["clip_frac"] * float(n), m["approx_kl"] * float(n),
+            entropy, float(diff.sum()), float(n), float(not finite),
+            m["ref_kl"] * float(n), float(diff.max()) if finite else 0.0,
+        ], dtype=torch.float64)
+
+    def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
+        """One optimizer step on the whole batch (every rank gets the same list). -> metrics."""
+        t0 = time.perf_counter()
+        trajs = list(trajs)
+        if not trajs:
+            raise ValueError("train_step: empty batch — pass at least one trajectory")
+        outcome = outcome_advantages(trajs, self.spec.estimator)  # [N], whole groups
+        settings = self._loss_settings(trajs)
+        micro, n_micro = self._shard(trajs)
+        stats = torch.zeros(9, dtype=torch.float64)
+        self._times = {"forward_s": 0.0, "backward_s": 0.0}
+        for i, idx in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+            dummy = len(idx) == 0
+            idx = idx or [0]
+            st = self._micro_step([trajs[j] for j in idx], outcome[idx], settings, dummy)
+            stats[:8] += st[:8]
+            stats[8] = max(stats[8], st[8])
+        t1 = time.perf_counter()
+        self.engine.step()
+        self._times["optimizer_s"] = time.perf_counter() - t1
+        return self._step_metrics(stats, len(trajs), time.perf_counter() - t0)
+
+    def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        """Sum stats[:8] and max stats[8] over ranks."""
+        if self.world_size == 1:
+            return stats
+        import torch.distributed as dist
+
+        s = stats.to(self.device)
+        head, tail = s[:8].clone(), s[8:].clone()
+        dist.all_reduce(head, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tail, op=dist.ReduceOp.MAX)
+        return torch.cat([head, tail]).cpu()
+
+    def _step_metrics(self, stats: torch.Tensor, n_seqs: int, seconds: float) -> dict[str, float]:
+        s = self._reduce(stats)
+        applied = bool(self.engine.was_step_applied())
+        if applied:
+            self.version += 1
+        else:
+            self.skipped_steps += 1
+        n = max(1.0, float(s[5]))
+        gn = self.engine.get_global_grad_norm()
+        return {
+            "learner/loss": float(s[0]), "learner/clip_frac": float(s[1]) / n, "learner/approx_kl": float(s[2]) / n,
+            "learner/entropy": float(s[3]) / n, "learner/logp_diff_mean": float(s[4]) / n,
+            "learner/logp_diff_max": float(s[8]), "learner/ref_kl": float(s[7]) / n,
+            "learner/grad_norm": float(gn) if gn is not None else float("nan"),
+            "learner/nonfinite_loss": float(s[6]), "learner/skipped": float(not applied),
+            "learner/skipped_steps": float(self.skipped_steps), "learner/tokens": float(s[5]),
+            "learner/seqs": float(n_seqs), "learner/lr": float(self.engine.get_lr()[0]),
+            "learner/version": float(self.version), "learner/step_s": seconds,
+            **{f"learner/{k}": v for k, v in self._times.items()},  # rank 0's phases
+        }
+
+    # ------------------------------------------------------------------ inspection
+    @torch.no_grad()
+    def forward_logits(self, trajs: Sequence[Trajectory]) -> Optional[torch.Tensor]:
+        """Collective: logits [B, S, V] predicting each stream token (CPU, on rank 0)."""
+        logits = policy_forward(self.engine, self._collate(list(trajs)))
+        return logits.float().cpu() if self.rank == 0 else None
+
+    # ------------------------------------------------------------------ weights, checkpoints
+    def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Collective: the HF state_dict (CPU tensors) on rank 0, None elsewhere."""
+        return gather_state_dict(self.engine.module.lm, self.rank)
+
+    def publish_weights(self, sync: Optional[WeightSync] = None) -> Optional[WeightHandle]:
+        """Collective: gather on rank 0 and publish once with the policy version."""
+        state = self.state_dict()
+        return (sync or ObjectStoreWeightSync()).publish(state, self.version) if self.rank == 0 else None
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def save_checkpoint(self, root: str, step: int, keep_last: Optional[int] = None) -> Optional[str]:
+        """Collective: atomic DeepSpeed checkpoint under `root`; -> its dir on rank 0."""
+        meta = {"step": step, "version": self.version, "skipped_steps": self.skipped_steps}
+        keep = keep_last if keep_last is not None else self.cfg.run.keep_last
+        d = ckpt.save_engine(self.engine, root, step, meta, keep, self.rank, self._barrier)
+        return str(d) if d is not None else None
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Collective: restore a complete checkpoint dir (see checkpoint.latest_checkpoint)."""
+        meta = ckpt.load_engine(self.engine, path)
+        self.version, self.skipped_steps = int(meta["version"]), int(meta.get("skipped_steps", 0))
+        self._set_mode(self.engine)
+        return meta
+
+    def export_hf(self, out_dir: str) -> Optional[str]:
+        """Collective: HF-format dir (save_pretrained + tokenizer) written by rank 0."""
+        state = self.state_dict()
+        if self.rank != 0:
+            return None
+        m = self.cfg.model
+        tok = load_tokenizer(m) if (m.tokenizer or m.path != "random") else None
+        return str(ckpt.export_hf(self.engine.module.lm, state, Path(out_dir), tok))
