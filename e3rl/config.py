@@ -231,6 +231,9 @@ class ResourcesConfig:
     """Prometheus metrics port of the embedded Ray (0 = Ray's choice)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Placement-group strategy per role."""
+    torch_threads: int = 0
+    """Torch intra-op threads per actor (0 = all cores of its node: the loop's phases do not
+    overlap, so each phase may use the whole machine; Ray would otherwise set 1 per CPU reserved)."""
     connect_timeout_s: float = 20.0
     """Fail if the Ray address does not answer within this time."""
 
@@ -375,6 +378,7 @@ def _validate(c: Config) -> None:
     _check(r.num_generators >= 1, "resources.num_generators", "must be >= 1", "e.g. 1")
     _check(min(r.gpus_per_generator, r.gpus_per_learner, r.cpus_per_generator, r.cpus_per_learner) >= 0,
            "resources.gpus_per_generator", "resource amounts must be >= 0", "use 0 for none")
+    _check(r.torch_threads >= 0, "resources.torch_threads", "must be >= 0", "0 = all cores")
     _check(r.connect_timeout_s > 0, "resources.connect_timeout_s", "must be > 0", "e.g. 20")
     _check(run.steps >= 0, "run.steps", "must be >= 0", "e.g. 10")
     _check(run.keep_last >= 1, "run.keep_last", "must be >= 1", "e.g. 2")

@@ -15,19 +15,16 @@ from typing import Any, Optional, Sequence
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from e3rl.config import Config
+from e3rl.placement import reserve_bundles
 from e3rl.core.trajectory import Trajectory
 from learner import checkpoint as ckpt
 from learner.weights import WeightHandle
 
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-class PlacementError(RuntimeError):
-    """The learner's placement group could not be satisfied in time."""
 
 
 def bundle(cfg: Config) -> dict[str, float]:
@@ -49,19 +46,9 @@ def default_runtime_env(cfg: Config, extra_env: Optional[dict[str, str]] = None)
 
 
 def reserve(cfg: Config, timeout_s: float) -> Any:
-    """A ready placement group for the learner ranks, or PlacementError after `timeout_s`."""
-    n, b = cfg.learner.num_workers, bundle(cfg)
-    pg = placement_group([dict(b) for _ in range(n)], strategy=cfg.resources.placement_strategy)
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        have = ray.available_resources()
-        raise PlacementError(
-            f"learner: {n} x {b} ({cfg.resources.placement_strategy}) not placeable within {timeout_s:.0f}s; "
-            f"available {{CPU: {have.get('CPU', 0):g}, GPU: {have.get('GPU', 0):g}}} — lower "
-            f"learner.num_workers or resources.cpus_per_learner/gpus_per_learner, or add nodes") from None
-    return pg
+    """A ready placement group for the learner ranks, or a one-line ConfigError after `timeout_s`."""
+    return reserve_bundles([bundle(cfg)] * cfg.learner.num_workers, cfg.resources.placement_strategy, timeout_s,
+                           role="learner ranks", fields="learner.num_workers / resources.cpus_per_learner")
 
 
 class LearnerGroup:
@@ -93,9 +80,16 @@ class LearnerGroup:
     def _all(self, method: str, *args: Any) -> list[Any]:
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
-        """`algo.updates_per_batch` optimizer steps on one batch. -> the last step's metrics."""
-        ref = ray.put(list(trajs))
+    def train_step(self, trajs: Sequence[Any]) -> dict[str, float]:
+        """`algo.updates_per_batch` optimizer steps on one batch. -> the last step's metrics.
+
+        `trajs`: Trajectory objects, or object-store refs to lists of them (as the replay buffer
+        holds): refs are passed through, and every rank fetches the payload itself.
+        """
+        if all(isinstance(t, ray.ObjectRef) for t in trajs):
+            ref = list(trajs)  # nested refs stay refs: Ray does not resolve them for us
+        else:
+            ref = ray.put(list(trajs))
         out: dict[str, float] = {}
         for _ in range(self.cfg.algo.updates_per_batch):
             out = self._all("train_step", ref)[0]

@@ -72,6 +72,20 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
+def resolve_batch(items: Sequence[Any]) -> list[Trajectory]:
+    """Trajectories, or object-store refs to lists of them (fetched here, not via the driver)."""
+    out: list[Trajectory] = []
+    refs = [x for x in items if not isinstance(x, Trajectory)]
+    fetched: Any = iter(())
+    if refs:
+        import ray
+
+        fetched = iter(ray.get(refs))
+    for x in items:
+        out.extend([x] if isinstance(x, Trajectory) else next(fetched))
+    return out
+
+
 class LearnerWorker:
     """One ZeRO-3 rank. `__init__` is cheap; `setup` joins the process group and builds the engine."""
 
@@ -213,7 +227,7 @@ class LearnerWorker:
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
         """One optimizer step on the whole batch (every rank gets the same list). -> metrics."""
         t0 = time.perf_counter()
-        trajs = list(trajs)
+        trajs = resolve_batch(trajs)
         if not trajs:
             raise ValueError("train_step: empty batch — pass at least one trajectory")
         outcome = outcome_advantages(trajs, self.spec.estimator)  # [N], whole groups

@@ -5,37 +5,27 @@ import pytest
 import torch
 
 from actors.generator import RewindableGenerator
-from e3rl.config import Config, GenConfig, HealConfig
+from e3rl.config import Config, GenConfig, HealConfig, ResourcesConfig
 from e3rl.models import load_model
 from tests.conftest import tiny_model_config
 
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    # RAY_AUTH_MODE unset makes an embedded ray.init turn token auth on for later CLI calls (NOTES.md)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
-
 def test_actor_loads_versioned_weights_and_matches_plain_class(ray_session, tokenizer):
     from actors.generator_actor import make_generator_actor
 
     cfg = Config(model=tiny_model_config(), gen=GenConfig(group_size=2, max_new_tokens=10),
-                 heal=HealConfig(segment_tokens=4, threshold_k=0.0))
+                 heal=HealConfig(segment_tokens=4, threshold_k=0.0), resources=ResourcesConfig(torch_threads=1))
     actor = make_generator_actor(cfg, num_gpus=0, num_cpus=0.5, seed=11, max_restarts=0)
     policy = load_model(tiny_model_config(), seed=5)  # differs from the actor's own random init
     ref = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
     assert ray.get(actor.load_weights.remote(ref, 1)) is True
     assert ray.get(actor.load_weights.remote(ref, 1)) is False  # same version: skipped
     prompts, groups = [tokenizer.encode("Step 1: add"), tokenizer.encode("Hi")], [3, 4]
-    trajs = ray.get(actor.generate.remote(prompts, groups, ["a", "b"]))
+    trajs_ref, stats_ref = actor.generate.remote(prompts, groups, ["a", "b"])
+    trajs, stats = ray.get(trajs_ref), ray.get(stats_ref)
+    assert stats["gen/samples"] == 4 and stats["gen/tokens_produced"] == sum(t.stream_ids.numel() for t in trajs)
 
     plain = RewindableGenerator.from_config(policy, tokenizer, cfg, seed=11)
     expected = plain.generate(prompts, groups, ["a", "b"])
@@ -46,4 +36,22 @@ def test_actor_loads_versioned_weights_and_matches_plain_class(ray_session, toke
         torch.testing.assert_close(a.behavior_logp, b.behavior_logp)
     history = ray.get(actor.get_history.remote())  # (its torch may use another thread count: ~1e-8 apart)
     assert history.count == plain.history.count and history.mean == pytest.approx(plain.history.mean)
+    ray.kill(actor)
+
+
+def test_actor_scores_rewards_and_overrides_group_size(ray_session, tokenizer):
+    from actors.generator_actor import make_generator_actor
+    from e3rl.tasks.base import Problem
+
+    cfg = Config(model=tiny_model_config(), gen=GenConfig(group_size=2, max_new_tokens=6),
+                 resources=ResourcesConfig(torch_threads=1))
+    actor = make_generator_actor(cfg, num_cpus=0.5, seed=3)
+    problems = [Problem("p0", "1+1", "2", "test"), Problem("p1", "2+2", "4", "test")]
+    prompts = [tokenizer.encode(p.prompt) for p in problems]
+    trajs_ref, stats_ref = actor.generate.remote(prompts, [0, 1], ["p0", "p1"], problems, 3, False)
+    trajs, stats = ray.get([trajs_ref, stats_ref])
+    assert len(trajs) == 6 and [t.sample_index for t in trajs] == [0, 1, 2, 0, 1, 2]
+    # random weights never answer: every reward is a real score of 0 (math-verify ran, no errors)
+    assert all(t.reward == 0.0 for t in trajs) and stats["gen/score_errors"] == 0
+    assert all(t.rewinds == 0 for t in trajs)  # heal=False override
     ray.kill(actor)

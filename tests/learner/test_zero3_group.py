@@ -148,11 +148,12 @@ def test_no_deepspeed_cpp_extension_was_built(env):
 def test_unplaceable_group_fails_fast_with_one_line(ray_session, env):
     import time
 
-    from learner.group import LearnerGroup, PlacementError
+    from e3rl.config import ConfigError
+    from learner.group import LearnerGroup
 
     total = ray_session.cluster_resources()["CPU"]
     cfg = env.cfg.__class__(**{**env.cfg.__dict__, "resources": ResourcesConfig(cpus_per_learner=total)})
     t0 = time.perf_counter()
-    with pytest.raises(PlacementError, match="not placeable within 2s") as e:
+    with pytest.raises(ConfigError, match=r"learner.num_workers / resources.cpus_per_learner: .*could not place them within 2s") as e:
         LearnerGroup(cfg, placement_timeout_s=2)
     assert time.perf_counter() - t0 < 10 and "\n" not in str(e.value)
