@@ -79,13 +79,17 @@ class GeneratorWorker:
     @ray.method(num_returns=2)
     def generate(self, prompts: list, group_ids: list, prompt_uids: Optional[list] = None,
                  problems: Optional[list] = None, group_size: Optional[int] = None,
-                 heal: Optional[bool] = None) -> tuple[list, dict]:
+                 heal: Optional[bool] = None, seed: Optional[int] = None) -> tuple[list, dict]:
         """Trajectories (scored when `problems` are given) and their stats.
 
         `group_size` / `heal` override the config for evaluation (e.g. k samples, healing on/off).
+        `seed` reseeds sampling, so a step's rollouts are a function of (run seed, step, shard):
+        a regenerated shard or a resumed run samples exactly what the original would have.
         """
         self._maybe_fail()
         g = self.generator
+        if seed is not None:
+            g.rng.manual_seed(seed)
         saved = (g.gen, g.heal_active)
         if group_size is not None:
             g.gen = dataclasses.replace(g.gen, group_size=group_size)

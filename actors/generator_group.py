@@ -43,7 +43,7 @@ class GeneratorGroup:
         r = cfg.resources
         self.cfg = cfg
         self.max_restarts = max_restarts
-        bundle = {"CPU": r.cpus_per_generator, "GPU": r.gpus_per_generator}
+        bundle = {"CPU": r.cpus_per_generator, "GPU": r.gpus_per_generator, **r.generator_resources}
         self.pg = reserve_bundles([bundle] * r.num_generators, r.placement_strategy, placement_timeout_s,
                                   role="generators", fields="resources.num_generators / resources.cpus_per_generator")
         self.actors = [
@@ -63,13 +63,14 @@ class GeneratorGroup:
         ray.get([a.load_weights.remote(weights_ref, version) for a in self.actors])
 
     def generate(self, problems: Sequence[Problem], prompts: Sequence[list[int]], group_ids: Sequence[int],
-                 group_size: Optional[int] = None, heal: Optional[bool] = None) -> tuple[list, dict[str, float]]:
+                 group_size: Optional[int] = None, heal: Optional[bool] = None,
+                 seed: Optional[int] = None) -> tuple[list, dict[str, float]]:
         """-> (one trajectory-list ref per non-empty shard, merged stats). Payloads stay in the store."""
         shards = [s for s in shard(len(problems), len(self.actors))]
         calls = {}
         for i, s in enumerate(shards):
             if len(s):
-                calls[i] = self._submit(i, s, problems, prompts, group_ids, group_size, heal)
+                calls[i] = self._submit(i, s, problems, prompts, group_ids, group_size, heal, seed)
         refs, stats = [], []
         for i, (traj_ref, stats_ref) in calls.items():
             for attempt in range(self.max_restarts + 1):
@@ -83,15 +84,16 @@ class GeneratorGroup:
                     log.warning("generator %d died mid-rollout (%s); regenerating its shard", i, type(e).__name__)
                     self.recovered_shards += 1
                     traj_ref, stats_ref = self._submit(i, shards[i], problems, prompts, group_ids, group_size, heal,
-                                                       reload=True)
+                                                       seed, reload=True)
         return refs, merge_stats(stats) | {"gen/recovered_shards": float(self.recovered_shards)}
 
-    def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, reload: bool = False):
+    def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, seed, reload: bool = False):
         a = self.actors[i]
         if reload and self._weights is not None:
             ray.get(a.load_weights.remote(*self._weights))  # waits for the restart, then reloads
         return a.generate.remote([prompts[j] for j in s], [group_ids[j] for j in s], [problems[j].uid for j in s],
-                                 [problems[j] for j in s], group_size, heal)
+                                 [problems[j] for j in s], group_size, heal,
+                                 None if seed is None else seed * 1009 + i)
 
     def merge_histories(self) -> dict:
         """Pool the actors' threshold histories and give every actor the pooled one."""

@@ -221,6 +221,10 @@ class ResourcesConfig:
     """GPUs per learner worker."""
     cpus_per_learner: float = 1.0
     """CPUs reserved per learner worker."""
+    generator_resources: dict = field(default_factory=dict)
+    """Extra custom Ray resources per generator bundle (e.g. {gen_node: 1}) to pin the role to node types."""
+    learner_resources: dict = field(default_factory=dict)
+    """Extra custom Ray resources per learner bundle."""
     embedded_cpus: int = 0
     """CPUs of the embedded Ray (0 = this machine's)."""
     auth_mode: Literal["disabled", "token"] = "disabled"

@@ -1,7 +1,7 @@
-"""The driver loop: one timed line per phase. No math here (it lives in e3rl.core) and no
-algorithm switches (they were chosen at setup, in the config's derived values).
+"""The driver loop: one timed line per phase. No math here (it lives in e3rl.core and the roles)
+and no algorithm switches (chosen at setup, in the config's derived values).
 
-    generate -> buffer -> train -> sync -> (eval, checkpoint) -> log
+    data -> generate -> buffer -> train -> sync -> (eval, checkpoint) -> log
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import ray
-
-from e3rl.config import Config
 
 
 @dataclass
@@ -38,7 +36,7 @@ class Roles:
 
 @dataclass
 class LoopState:
-    """Everything a resumed run needs besides weights and optimizer (those are in the checkpoint)."""
+    """What a resumed run needs besides weights and optimizer (those are in the checkpoint)."""
 
     step: int = 0
     version: int = 0
@@ -47,40 +45,48 @@ class LoopState:
     history: dict = field(default_factory=dict)
 
 
-def train(
-    cfg: Config,
-    roles: Roles,
-    next_batch: Callable[[], list],
-    state: LoopState,
-    evaluate: Callable[[int], dict[str, float]],
-    checkpoint: Callable[[LoopState], None],
-    log: Callable[[int, dict[str, float]], None],
-) -> LoopState:
-    """Run steps state.step .. cfg.run.steps; returns the final state."""
-    run = cfg.run
-    roles.generators.load_weights(roles.learner.publish_weights(state.version), state.version)
-    while state.step < run.steps:
+@dataclass
+class Hooks:
+    """The run's side effects, injected so the loop stays a loop."""
+
+    next_batch: Callable[[int], tuple[list, list, list]]  # step -> (problems, prompt ids, group ids)
+    evaluate: Callable[[int], dict[str, float]]
+    checkpoint: Callable[[], None]
+    log: Callable[[int, dict[str, float]], None]
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def sync_weights(roles: Roles) -> int:
+    handle = roles.learner.publish_weights()
+    roles.generators.load_weights(handle.ref, handle.version)
+    return handle.version
+
+
+def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int, save_every: int,
+          hooks: Hooks) -> LoopState:
+    """Run steps state.step+1 .. steps; returns the final state (also updated in place)."""
+    state.version = sync_weights(roles)
+    while state.step < steps and not hooks.should_stop():
         t = PhaseTimer()
         with t("data"):
-            batch = next_batch()
+            problems, prompts, groups = hooks.next_batch(state.step)
         with t("generate"):
-            refs, gen_stats = roles.generators.generate(batch, state.version)
+            refs, gen = roles.generators.generate(problems, prompts, groups, seed=seed * 100_003 + state.step)
         with t("buffer"):
-            ray.get(roles.buffer.put.remote(refs, state.version, gen_stats["gen/samples"]))
+            ray.get(roles.buffer.put.remote(refs, state.version, int(gen["gen/samples"])))
             item = ray.get(roles.buffer.get.remote(state.version))
         with t("train"):
             learn = roles.learner.train_step(item.refs)
         with t("sync"):
-            state.version += 1
-            roles.generators.load_weights(roles.learner.publish_weights(state.version), state.version)
+            state.version = sync_weights(roles)
+            state.history = roles.generators.merge_histories()
         state.step += 1
-        state.samples += int(gen_stats["gen/samples"])
-        state.history = roles.generators.merge_histories()
-        metrics = gen_stats | learn | t.as_metrics() | {"sync/policy_version": state.version,
-                                                        "buffer/fill": ray.get(roles.buffer.size.remote())}
-        if run.eval_every and state.step % run.eval_every == 0 and state.step < run.steps:
-            metrics |= evaluate(state.step)
-        if run.save_every and state.step % run.save_every == 0:
-            checkpoint(state)
-        log(state.step, metrics)
+        state.samples += int(gen["gen/samples"])
+        metrics = gen | learn | t.as_metrics() | {"sync/policy_version": float(state.version),
+                                                  "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
+        if eval_every and state.step % eval_every == 0 and state.step < steps:
+            metrics |= hooks.evaluate(state.step)
+        if save_every and state.step % save_every == 0:
+            hooks.checkpoint()
+        hooks.log(state.step, metrics)
     return state

@@ -1,14 +1,22 @@
 """Entry point: `python -m e3rl.run [CONFIG.yaml] [section.key=value ...]`.
 
-Also what `ray job submit -- python -m e3rl.run ...` runs on a cluster.
+Embedded (no cluster): starts a local Ray sized to this machine. On a cluster:
+`ray job submit --address http://HEAD:8265 --working-dir . -- python -m e3rl.run CONFIG.yaml`
+(or set `resources.address` / `RAY_ADDRESS`). Bad input stops it with one line and exit code 2.
 """
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-import yaml
+from e3rl.config import Config, ConfigError, load_config
 
-from e3rl.config import ConfigError, load_config
+log = logging.getLogger("e3rl")
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -21,14 +29,36 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+class StopFlag:
+    """SIGTERM / Ctrl-C: finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping after this step and writing a checkpoint", signum)
+        self.stop = True
+
+
 def main(argv: list[str] | None = None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(path, overrides)
+        from e3rl.session import run_session
+
+        summary = run_session(cfg, StopFlag())
     except ConfigError as e:
-        print(f"e3rl: config error: {e}", file=sys.stderr)
+        print(f"e3rl: error: {e}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(f"e3rl: done — summary in {Path(cfg.run.output_dir) / 'summary.json'}: "
+          f"reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}, "
+          f"held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}, "
+          f"{summary['samples_per_s']:.2f} samples/s, {summary['wall_s']:.0f} s")
     return 0
 
 

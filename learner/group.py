@@ -29,8 +29,8 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 def bundle(cfg: Config) -> dict[str, float]:
     r = cfg.resources
-    b = {"CPU": r.cpus_per_learner, "GPU": r.gpus_per_learner}
-    b = {k: v for k, v in b.items() if v > 0}
+    b = {"CPU": r.cpus_per_learner, "GPU": r.gpus_per_learner, **r.learner_resources}
+    b = {k: float(v) for k, v in b.items() if v > 0}
     return b or {"CPU": 0.01}  # Ray rejects empty bundles
 
 
@@ -105,8 +105,9 @@ class LearnerGroup:
     def forward_logits(self, trajs: Sequence[Trajectory]) -> torch.Tensor:
         return self._all("forward_logits", list(trajs))[0]
 
-    def save_checkpoint(self, root: str, step: int, keep_last: Optional[int] = None) -> str:
-        return self._all("save_checkpoint", str(root), step, keep_last)[0]
+    def save_checkpoint(self, root: str, step: int, keep_last: Optional[int] = None,
+                        extra: Optional[dict[str, Any]] = None) -> str:
+        return self._all("save_checkpoint", str(root), step, keep_last, extra)[0]
 
     def load_checkpoint(self, root_or_dir: str) -> Optional[dict[str, Any]]:
         """Restore the newest complete checkpoint under a root (or a given dir); None if none."""

@@ -302,9 +302,12 @@ class LearnerWorker:
 
         dist.barrier()
 
-    def save_checkpoint(self, root: str, step: int, keep_last: Optional[int] = None) -> Optional[str]:
-        """Collective: atomic DeepSpeed checkpoint under `root`; -> its dir on rank 0."""
-        meta = {"step": step, "version": self.version, "skipped_steps": self.skipped_steps}
+    def save_checkpoint(self, root: str, step: int, keep_last: Optional[int] = None,
+                        extra: Optional[dict[str, Any]] = None) -> Optional[str]:
+        """Collective: atomic DeepSpeed checkpoint under `root`; -> its dir on rank 0.
+
+        `extra`: JSON-safe driver state (data cursor, threshold history, ...) kept in the meta."""
+        meta = {**(extra or {}), "step": step, "version": self.version, "skipped_steps": self.skipped_steps}
         keep = keep_last if keep_last is not None else self.cfg.run.keep_last
         d = ckpt.save_engine(self.engine, root, step, meta, keep, self.rank, self._barrier)
         return str(d) if d is not None else None

@@ -1,0 +1,48 @@
+"""Held-out evaluation through the same generator actors as training (so it scales the same way):
+k samples per problem at the training temperature, Avg@k and unbiased Pass@k per benchmark,
+with test-time self-healing on or off."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import ray
+
+from e3rl.core.passk import aggregate, flatten
+from e3rl.tasks.base import Problem
+
+EVAL_GROUP_BASE = 1 << 40  # eval group ids never collide with training ones
+
+
+@dataclass
+class EvalSet:
+    name: str
+    problems: list[Problem]
+    prompts: list[list[int]]
+
+
+def default_ks(k: int) -> list[int]:
+    return sorted({1, *[x for x in (2, 4, 8, 16, 32, 64) if x <= k], k})
+
+
+def evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed: int = 0) -> dict[str, Any]:
+    """-> {"<set>": {"avg@k": .., "pass@1": .., ..., "rewinds_per_sample": ..}, ...}."""
+    results: dict[str, Any] = {}
+    for es in sets:
+        if not es.problems:
+            continue
+        groups = [EVAL_GROUP_BASE + i for i in range(len(es.problems))]
+        refs, stats = generators.generate(es.problems, es.prompts, groups, group_size=k, heal=heal, seed=seed)
+        trajs = [t for part in ray.get(refs) for t in part]
+        per_problem = [[t.reward for t in trajs[i * k:(i + 1) * k]] for i in range(len(es.problems))]
+        metrics = aggregate([(es.name, scores) for scores in per_problem], default_ks(k))[es.name]
+        metrics |= {"rewinds_per_sample": stats["e3rl/rewinds_per_sample"], "samples": stats["gen/samples"],
+                    "kept_len_mean": stats["gen/kept_len_mean"]}
+        results[es.name] = metrics
+    return results
+
+
+def headline(results: dict[str, Any], k: int) -> float:
+    """Mean Avg@k over benchmarks: the one held-out number the progress bar shows."""
+    vals = [m[f"avg@{k}"] for m in results.values() if f"avg@{k}" in m]
+    return sum(vals) / len(vals) if vals else float("nan")

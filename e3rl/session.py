@@ -1,0 +1,139 @@
+"""One training run, wired: run dir, data, Ray, roles, resume, loop, evaluation, outputs.
+
+Everything here is setup and bookkeeping; the loop itself is `e3rl.loop.train`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from e3rl import rundir
+from e3rl.config import Config
+from e3rl.core.passk import flatten
+from e3rl.data import encode_prompts, load_workload
+from e3rl.evaluation import EvalSet, evaluate, headline
+from e3rl.loop import Hooks, LoopState, Roles, train
+from e3rl.metrics import MetricsLogger
+from e3rl.models import load_tokenizer, materialize_builtin
+from e3rl.prompts import PromptStream
+
+log = logging.getLogger("e3rl")
+
+
+def build_roles(cfg: Config) -> Roles:
+    from actors.generator_group import GeneratorGroup
+    from actors.replay_buffer import make_replay_buffer
+    from learner.group import LearnerGroup
+
+    generators = GeneratorGroup(cfg)
+    buffer = make_replay_buffer(cfg.run.buffer_capacity, cfg.run.max_staleness)
+    return Roles(generators, buffer, LearnerGroup(cfg))
+
+
+def _resume(cfg: Config, roles: Roles, out: Path, stream: PromptStream) -> LoopState:
+    state = LoopState()
+    if cfg.run.resume != "auto":
+        return state
+    meta = roles.learner.load_checkpoint(str(out / "checkpoints"))
+    if meta is None:
+        return state
+    state = LoopState(step=int(meta["step"]), version=int(meta["version"]), samples=int(meta.get("samples", 0)),
+                      cursor=meta.get("cursor", {}), history=meta.get("history", {}))
+    stream.load_state(state.cursor)
+    roles.generators.set_history(state.history)
+    log.info("resumed from step %d (policy version %d)", state.step, state.version)
+    return state
+
+
+def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
+    t_start = time.time()
+    out = rundir.prepare(cfg)
+    if cfg.model.path.startswith("builtin:"):
+        materialize_builtin(cfg.model.path)  # once, before actors race to convert it
+    tokenizer = load_tokenizer(cfg.model)
+    work = load_workload(cfg, tokenizer)
+    log.info("data: %s", {k: asdict(v) for k, v in work.stats.items()})
+    eval_sets = [EvalSet(name, probs, encode_prompts(cfg, probs, tokenizer)) for name, probs in work.evals.items()]
+
+    from e3rl.ray_setup import check_resources, connect
+
+    info = connect(cfg)
+    log.info("ray: %s (dashboard %s)", info.address, info.dashboard_url or "off")
+    check_resources(cfg)
+    roles = build_roles(cfg)
+    stream = PromptStream(work.train, cfg.algo.prompts_per_step, seed=cfg.data.seed)
+    state = _resume(cfg, roles, out, stream)
+    logger = MetricsLogger(out, cfg.run.steps, progress=cfg.run.progress)
+    k = cfg.run.eval_group_size
+
+    def run_eval(step: int) -> dict[str, float]:
+        res = evaluate(roles.generators, eval_sets, k, heal=cfg.heal_active, seed=cfg.run.seed + 7)
+        return flatten(res) | {"eval/accuracy": headline(res, k)}
+
+    def next_batch(step: int) -> tuple[list, list, list]:
+        problems = stream.next_batch()
+        state.cursor = stream.state()
+        groups = [step * len(problems) + i for i in range(len(problems))]
+        return problems, encode_prompts(cfg, problems, tokenizer), groups
+
+    def checkpoint() -> None:
+        extra = {"samples": state.samples, "cursor": state.cursor, "history": state.history}
+        roles.learner.save_checkpoint(str(out / "checkpoints"), state.step, cfg.run.keep_last, extra)
+
+    before = run_eval(state.step) if eval_sets else {}
+    logger.log(state.step, before)
+    hooks = Hooks(next_batch, run_eval, checkpoint, logger.log, lambda: stop.stop)
+    first_step = state.step
+    train(roles, state, cfg.run.steps, cfg.run.seed, cfg.run.eval_every, cfg.run.save_every, hooks)
+    checkpoint()
+    after = run_eval(state.step) if eval_sets else {}
+    logger.log(state.step, after)
+    if not stop.stop:
+        roles.learner.export_hf(str(out / "policy"))
+    logger.close()
+    summary = write_summary(out, cfg, before, after, first_step, state, time.time() - t_start)
+    roles.generators.shutdown()
+    roles.learner.shutdown()
+    return summary
+
+
+def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step: int, state: LoopState,
+                  wall_s: float) -> dict[str, Any]:
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "gen/reward_mean" in r]
+    phases: dict[str, float] = {}
+    for r in steps:
+        for key, v in r.items():
+            if key.startswith("time/") and key != "time/step_s":
+                phases[key[5:-2]] = phases.get(key[5:-2], 0.0) + v
+    gen_s = sum(r.get("gen/seconds", 0.0) for r in steps)
+    samples = sum(r.get("gen/samples", 0.0) for r in steps)
+    train_s = sum(r.get("time/step_s", 0.0) for r in steps)
+    summary = {
+        "steps": state.step,
+        "steps_this_session": state.step - first_step,
+        "samples": state.samples,
+        "reward_first": steps[0]["gen/reward_mean"] if steps else float("nan"),
+        "reward_last": steps[-1]["gen/reward_mean"] if steps else float("nan"),
+        "reward_last5_mean": sum(r["gen/reward_mean"] for r in steps[-5:]) / max(len(steps[-5:]), 1),
+        "accuracy_before": before.get("eval/accuracy", float("nan")),
+        "accuracy_after": after.get("eval/accuracy", float("nan")),
+        "eval_before": {k: v for k, v in before.items() if k.startswith("eval/")},
+        "eval_after": {k: v for k, v in after.items() if k.startswith("eval/")},
+        "eval_samples_per_problem": cfg.run.eval_group_size,
+        "rewinds_per_sample": sum(r.get("e3rl/rewinds_per_sample", 0.0) for r in steps) / max(len(steps), 1),
+        "gen_tokens_per_s": sum(r.get("gen/tokens_produced", 0.0) for r in steps) / max(gen_s, 1e-9),
+        "samples_per_s": samples / max(train_s, 1e-9),
+        "phase_seconds": phases,
+        "wall_s": wall_s,
+        "e3rl": cfg.heal_active,
+        "allocation": cfg.allocation,
+        "final_policy": str(out / "policy"),
+    }
+    rundir.write_json_atomic(out / "summary.json", summary)
+    return summary
