@@ -56,13 +56,13 @@ class DataConfig:
     """Training set: `gym:<reasoning-gym task>`, a local parquet/jsonl path, or a hub dataset name."""
     format: Literal["auto", "deepmath", "aime", "math500", "gym"] = "auto"
     """Column schema of `train`/`eval`; `auto` detects it from the columns."""
-    gym_kwargs: dict = field(default_factory=dict)
+    gym_kwargs: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
     """Keyword args for `reasoning_gym.create_dataset` (difficulty knobs of the task)."""
     train_size: int = 2000
     """Seeded subset size of the training set (0 = all; gym tasks need a size > 0)."""
-    eval: tuple = ()
+    eval: tuple = ("gym:chain_sum",)
     """Held-out sets, same syntax as `train`; a gym task here uses a disjoint seed."""
-    eval_size: int = 0
+    eval_size: int = 32
     """Problems per eval set (0 = all)."""
     difficulty_min: float = 0.0
     """Keep rows with difficulty >= this (DeepMath's 0-10 scale)."""
@@ -91,7 +91,7 @@ class RewardConfig:
 class GenConfig:
     group_size: int = 8
     """G: samples per prompt; advantages and thresholds are computed within a group."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 32
     """Maximum kept response tokens per sample."""
     max_stream_tokens: int = 0
     """Hard cap on kept + erased tokens (bounds KV memory); 0 = 2 x max_new_tokens."""
@@ -113,7 +113,7 @@ class HealConfig:
     """Self-healing in generation (forced off when `algo.e3rl` is false)."""
     segment_mode: Literal["fixed", "delimiter"] = "fixed"
     """Fixed windows of `segment_tokens`, or reasoning steps cut at `delimiter`."""
-    segment_tokens: int = 32
+    segment_tokens: int = 8
     """Window length for fixed mode (paper best: 512 with 16 segments)."""
     delimiter: Literal["blank_line", "newline", "step"] = "newline"
     """Step boundary for delimiter mode: `\\n\\n`, `\\n`, or a line starting `Step k`."""
@@ -187,7 +187,7 @@ class AlgoConfig:
 class LearnerConfig:
     num_workers: int = 1
     """ZeRO-3 data-parallel ranks (one Ray actor each)."""
-    lr: float = 1e-6
+    lr: float = 1e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""

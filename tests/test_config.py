@@ -66,3 +66,8 @@ def test_saved_resolved_config_reloads_identically(tmp_path):
     save_config(c, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == c
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["algo"]["clip_low"] == 0.1
+
+
+def test_default_yaml_is_the_embedded_default():
+    """`python -m e3rl.run` (no file) and `python -m e3rl.run configs/default.yaml` run the same thing."""
+    assert load_config(Path(__file__).parent.parent / "configs" / "default.yaml") == load_config()

@@ -17,9 +17,9 @@ from e3rl.tasks.base import LoadStats, Problem, answer_text, last_boxed
 
 logger = logging.getLogger(__name__)
 
-GYM_INSTRUCTION = ("Please reason step by step, and put your final answer within \\boxed{}, "
-                   "giving only the answer itself, e.g. \\boxed{-4}.")
-"""Like the math instruction, plus the exact-answer rule the gym scorers need."""
+GYM_INSTRUCTION = "Give the final answer in \\boxed{}, e.g. \\boxed{-4}."
+"""Short on purpose: gym tasks are what small models train on, and every prompt token is paid for
+G times in the learner. The scorers need the bare answer, hence the example."""
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -62,12 +62,17 @@ def is_gym(problem: Problem) -> bool:
 
 
 def extract_gym_answer(response: str) -> str | None:
-    """The last `\\boxed{}` content, else the last `<answer>...</answer>` (gym's own convention)."""
+    """The last `\\boxed{}` content, else the last `<answer>...</answer>` (gym's own convention),
+    else the last number in the text (the same fallback as `e3rl.rewards.extract_answer`)."""
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed
     tags = _ANSWER_TAG.findall(response)
-    return tags[-1].strip() if tags else None
+    if tags:
+        return tags[-1].strip()
+    from e3rl.rewards import extract_answer  # lazy: rewards imports the tasks package
+
+    return extract_answer(response)
 
 
 def score_gym(problem: Problem, response: str) -> float:
