@@ -1,0 +1,115 @@
+"""`python -m e3rl.eval` in-process on the shared Ray: the tiny model over a fixture file and a gym
+task, self-healing on and off; JSON structure, Pass@k consistency, rewinds, one-line errors.
+
+The generator actors import `coin_reward` below by name, so (like the rest of the suite) run
+pytest from the repository root: Ray puts the driver's working directory on the workers' path.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+K = 4
+AGGRESSIVE = ["heal.threshold_k=0", "heal.penalty_scale=0"]  # erase every segment above the group mean
+
+
+def coin_reward(response: str, problem) -> float:
+    """A deterministic ~1/3 'correct' rate, so Pass@k is not trivially 0 for a random model."""
+    return float(zlib.crc32(response.encode()) % 3 == 0)
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    from e3rl.eval import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def both(ray_session, fixtures_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "res.json"
+    data = [str(fixtures_dir / "aime2024_sample.jsonl"), "gym:chain_sum"]
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--data", data[0], "--data", data[1], "--size", "2",
+            "--k", str(K), "--heal", "both", "--out", str(path), "reward.fn=tests.workloads.test_eval_cli:coin_reward",
+            *AGGRESSIVE]
+    rc, stdout, stderr = _run(argv)
+    assert rc == 0, stderr
+    return json.loads(path.read_text()), stdout, data
+
+
+def test_json_structure_and_table(both):
+    res, stdout, data = both
+    assert res["k"] == K and res["ks"] == [1, 2, 4] and res["heal"] == "both"
+    assert res["problems"] == {data[0]: 2, data[1]: 2}
+    assert set(res["results"]) == {"on", "off"} and set(res["seconds"]) == {"on", "off"}
+    for mode in ("on", "off"):
+        for bench in data:
+            m = res["results"][mode][bench]
+            assert {"avg@4", "pass@1", "pass@2", "pass@4", "rewinds_per_sample", "n_problems"} <= set(m)
+            assert m["samples"] == 2 * K and m["n_problems"] == 2
+    for bench in data:
+        for key, d in res["delta"][bench].items():
+            assert d == pytest.approx(res["results"]["on"][bench][key] - res["results"]["off"][bench][key])
+    lines = stdout.splitlines()
+    assert lines[0].split()[:5] == ["benchmark", "heal", "n", "avg@4", "pass@1"]
+    assert sum(line.split()[0:1] == [data[0]] for line in lines) == 1 and any(" delta " in line for line in lines)
+
+
+def test_pass_at_k_is_consistent(both):
+    res, _, data = both
+    values = []
+    for mode in ("on", "off"):
+        for bench in data:
+            m = res["results"][mode][bench]
+            assert abs(m["pass@1"] - m[f"avg@{K}"]) <= 1e-9  # same samples: unbiased pass@1 == mean accuracy
+            ks = [m[f"pass@{k}"] for k in res["ks"]]
+            assert ks == sorted(ks) and all(0.0 <= v <= 1.0 for v in ks + [m[f"avg@{K}"]])
+            values += ks
+    assert any(0.0 < v < 1.0 for v in values), "the coin reward never scored: is the repo root the cwd?"
+
+
+def test_heal_on_rewinds_and_heal_off_does_not(both):
+    res, _, data = both
+    for bench in data:
+        assert res["results"]["on"][bench]["rewinds_per_sample"] > 0
+        assert res["results"]["off"][bench]["rewinds_per_sample"] == 0
+
+
+def test_model_dir_uses_its_tokenizer_and_the_runs_config(tmp_path):
+    from e3rl.config import load_config, save_config
+    from e3rl.eval import build_config, parse_args
+
+    save_config(load_config(ROOT / "configs/tiny.yaml", ["gen.max_new_tokens=17"]), tmp_path / "config.yaml")
+    (tmp_path / "policy").mkdir()
+    cfg = build_config(parse_args(["--model", str(tmp_path / "policy"), "--data", "gym:chain_sum", "gen.top_k=5"]))
+    assert cfg.model.path == str(tmp_path / "policy") and cfg.model.tokenizer == ""
+    assert cfg.gen.max_new_tokens == 17 and cfg.gen.top_k == 5  # the run's settings, then the overrides
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "nope.jsonl"], "--data: dataset file 'nope.jsonl' does not exist"),
+    (["--data", "gym:chain_sum", "--k", "0"], "--k: must be >= 1, got 0"),
+    (["--data", "gym:chain_sum", "--k", "two"], "argument --k: invalid int value"),
+    (["--data", "gym:chain_sum", "algo.clip_hihg=0.3"], "algo.clip_hihg: unknown key — did you mean `algo.clip_high`?"),
+    (["--data", "gym:chain_sum", "--heal", "maybe"], "argument --heal: invalid choice"),
+    ([], "--data: no benchmark given"),
+    (["--data", "gym:chain_sum", "--model", "/no/such/dir"], "--model: '/no/such/dir' is not a directory"),
+    (["--data", "gym:chain_sum", "--config", "no/such.yaml"], "--config: file 'no/such.yaml' does not exist"),
+    (["--data", "gym:chain_sum", "--size", "0", "--config", str(ROOT / "configs/tiny.yaml")],
+     "--size: gym:chain_sum is generated and needs a size"),
+    (["--data", "gym:chain_sum", "--size", "1", "--config", str(ROOT / "configs/qwen3-4b-e3rl.yaml")],
+     "model.path: '/models/Qwen3-4B' does not exist"),  # the paper config loads; the missing model is a run-time error
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    rc, stdout, stderr = _run(args)
+    assert rc == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and " — " in lines[0], stderr
