@@ -24,7 +24,7 @@ from actors.rollout_stats import rollout_stats
 from e3rl.config import Config
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.core.trajectory import Trajectory
-from e3rl.models import load_model, load_tokenizer, resolve_device
+from e3rl.models import actor_threads, load_model, load_tokenizer, resolve_device
 from e3rl.tasks.base import Problem
 
 
@@ -58,7 +58,7 @@ class GeneratorWorker:
     """Owns one model (GPU-resident when there is one) and its rewindable generator."""
 
     def __init__(self, cfg: Config, seed: int = 0):
-        torch.set_num_threads(cfg.resources.torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(actor_threads(cfg.resources.torch_threads))
         self.cfg = cfg
         device = resolve_device(cfg.model.device)
         model = load_model(cfg.model, device=device, seed=cfg.run.seed)

@@ -62,7 +62,7 @@ class DataConfig:
     """Seeded subset size of the training set (0 = all; gym tasks need a size > 0)."""
     eval: tuple = ("gym:chain_sum",)
     """Held-out sets, same syntax as `train`; a gym task here uses a disjoint seed."""
-    eval_size: int = 32
+    eval_size: int = 24
     """Problems per eval set (0 = all)."""
     difficulty_min: float = 0.0
     """Keep rows with difficulty >= this (DeepMath's 0-10 scale)."""
@@ -177,7 +177,7 @@ class AlgoConfig:
     """Aggregation: DAPO token mean, GRPO per-sequence mean, or Dr.GRPO sum / max length."""
     kl_coef: float = 0.0
     """k3 KL penalty to a frozen reference policy (0 = no reference model)."""
-    prompts_per_step: int = 4
+    prompts_per_step: int = 2
     """Prompts per training step (x group_size samples)."""
     updates_per_batch: int = 1
     """Optimizer passes over each batch (1 = strictly on-policy)."""
@@ -187,7 +187,7 @@ class AlgoConfig:
 class LearnerConfig:
     num_workers: int = 1
     """ZeRO-3 data-parallel ranks (one Ray actor each)."""
-    lr: float = 1e-5
+    lr: float = 2e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""

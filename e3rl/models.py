@@ -170,3 +170,10 @@ def load_model(m: ModelConfig, device: torch.device | None = None, dtype: torch.
             d, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **kw
         )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def actor_threads(torch_threads: int, share: int = 1) -> int:
+    """Intra-op threads for an actor process: the configured number, else this node's cores split
+    among `share` processes that compute at the same time. Ray would set 1 per reserved CPU, which
+    leaves cores idle: the loop's phases (generate, train) never overlap."""
+    return torch_threads or max(1, (os.cpu_count() or 1) // max(1, share))

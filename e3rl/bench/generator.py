@@ -9,7 +9,6 @@ recomputed), a rewind against re-prefilling the row, and KV bytes vs stream leng
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -17,6 +16,7 @@ import torch
 
 from actors.generator import RewindableGenerator
 from actors.kv_rewind import RowCache
+from e3rl.bench import report
 from e3rl.config import GenConfig, HealConfig, ModelConfig
 from e3rl.models import load_model, load_tokenizer
 
@@ -148,9 +148,4 @@ def main(argv: list) -> int:
         wall, _, result[name] = _timed(fn)
         result[name]["section_s"] = wall
     result["bench_seconds"] = time.perf_counter() - t0
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return report(result, args.out, indent=2)

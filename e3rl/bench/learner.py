@@ -10,7 +10,6 @@ shared with tests/learner.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -18,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from e3rl.bench import report
 from e3rl.core.trajectory import SegmentTable, Trajectory, stream_position_ids
 
 BENCH_MODEL = dict(model_type="qwen3", vocab_size=8192, hidden_size=192, intermediate_size=512,
@@ -248,9 +248,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "weight_sync_tensors": len(state), "object_store_floor_s": round(floor_s, 4),
         "weight_sync_vs_floor": round(sync_s / max(floor_s, 1e-9), 2),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return report(result, args.out, indent=1)
