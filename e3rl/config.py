@@ -254,7 +254,7 @@ class FaultConfig:
 class RunConfig:
     output_dir: str = "runs/default"
     """Run directory: config, metrics, checkpoints, final policy, summary."""
-    steps: int = 10
+    steps: int = 8
     """Training steps."""
     seed: int = 0
     """Master seed (sampling, data order, init)."""

@@ -84,7 +84,7 @@ def materialize_builtin_tokenizer(name: str = BUILTIN_SMOLLM2) -> Path:
 def materialize_builtin(name: str = BUILTIN_SMOLLM2) -> Path:
     """Convert the packaged GGUF to a cached HF dir once (~45 s; then loads take ~0.2 s)."""
     _check_builtin(name)
-    out = cache_root() / "smollm2-135m-instruct"
+    out = cache_root() / "smollm2-135m-instruct-v2"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +92,10 @@ def materialize_builtin(name: str = BUILTIN_SMOLLM2) -> Path:
     tok = AutoTokenizer.from_pretrained(materialize_builtin_tokenizer(name))
     gguf_model = AutoModelForCausalLM.from_pretrained(_smollm2_gguf_dir(), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     # save_pretrained refuses GGUF-loaded models; a fresh model with the same weights saves.
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised: a GGUF marker would block save_pretrained later
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
 
     def write(tmp: Path) -> None:
