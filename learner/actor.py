@@ -9,7 +9,7 @@ from e3rl.models import actor_threads
 from learner.worker import LearnerWorker
 
 
-class _LearnerProcess(LearnerWorker):
+class LearnerRank(LearnerWorker):
     """Process-level setup that belongs to the actor, not the plain class: torch threads
     (the ranks on a node share its cores; generators are idle while the learner trains)."""
 
@@ -18,5 +18,5 @@ class _LearnerProcess(LearnerWorker):
         super().__init__(cfg, rank, world_size)
 
 
-LearnerActor = ray.remote(max_restarts=0, max_concurrency=1)(_LearnerProcess)
+LearnerActor = ray.remote(max_restarts=0, max_concurrency=1)(LearnerRank)
 """One ZeRO-3 rank per actor. Sized and placed by `learner.group.LearnerGroup`."""

@@ -83,7 +83,7 @@ def test_roles_pinned_to_different_nodes(tmp_path):
         return {a["node"] for a in res["actors"] if a["cls"] == cls}
 
     assert where("GeneratorWorker") == {gen_node}, res["actors"]
-    assert where("LearnerWorker") == {learn_node}, res["actors"]
+    assert where("LearnerRank") == {learn_node}, res["actors"]
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "gen/reward_mean" in r]
