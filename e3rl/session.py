@@ -89,9 +89,9 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     first_step = state.step
     train(roles, state, cfg.run.steps, cfg.run.seed, cfg.run.eval_every, cfg.run.save_every, hooks)
     checkpoint()
-    if not stop.stop:
+    if not stop.stop:  # interrupted: the checkpoint is written; export and evaluate when the run completes
         roles.learner.export_hf(str(out / "policy"))
-    after = run_eval(state.step) if eval_sets else {}
+    after = run_eval(state.step) if eval_sets and not stop.stop else {}
     logger.log(state.step, after)
     logger.close()
     summary = write_summary(out, cfg, before, after, first_step, state, time.time() - t_start)

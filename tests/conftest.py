@@ -57,3 +57,19 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """tests/actors and tests/learner run many tiny-model ops in this process: on a shared 2-core
+    machine a second OpenMP thread only spin-waits for a busy core (measured: 17 s vs 0.7 s for one
+    test under load). Ray actors set their own thread counts."""
+    import torch
+
+    if request.node.path.parent.name not in ("actors", "learner"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
