@@ -66,7 +66,7 @@ class GeneratorGroup:
                  group_size: Optional[int] = None, heal: Optional[bool] = None,
                  seed: Optional[int] = None) -> tuple[list, dict[str, float]]:
         """-> (one trajectory-list ref per non-empty shard, merged stats). Payloads stay in the store."""
-        shards = [s for s in shard(len(problems), len(self.actors))]
+        shards = shard(len(problems), len(self.actors))
         calls = {}
         for i, s in enumerate(shards):
             if len(s):

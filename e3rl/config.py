@@ -469,7 +469,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", YAML-parsed value): `x=0.28` is a float, `x=[a,b]` a list, `x=abc` a str."""
-    _check("=" in text, text, "an override must look like key.sub=value", f"e.g. algo.clip_high=0.28")
+    _check("=" in text, text, "an override must look like key.sub=value", "e.g. algo.clip_high=0.28")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import ray
 
-from e3rl.core.passk import aggregate, flatten
+from e3rl.core.passk import aggregate
 from e3rl.tasks.base import Problem
 
 EVAL_GROUP_BASE = 1 << 40  # eval group ids never collide with training ones

@@ -52,9 +52,10 @@ def connect(cfg: Config) -> RayInfo:
 
     r = cfg.resources
     address = cluster_address(r)
-    runtime_env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
-                                "TOKENIZERS_PARALLELISM": "false"}}
-    runtime_env["env_vars"] = {k: v for k, v in runtime_env["env_vars"].items() if v}
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("DS_ACCELERATOR"):
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    runtime_env = {"env_vars": env}
     if address:
         _probe(address, r.connect_timeout_s)
         info = ray.init(address=address, runtime_env=runtime_env)

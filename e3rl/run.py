@@ -7,14 +7,12 @@ Embedded (no cluster): starts a local Ray sized to this machine. On a cluster:
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from e3rl.config import Config, ConfigError, load_config
+from e3rl.config import ConfigError, load_config
 
 log = logging.getLogger("e3rl")
 
