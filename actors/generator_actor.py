@@ -103,7 +103,8 @@ class GeneratorWorker:
             g.gen, g.heal_active = saved
         errors = score(trajs, problems, len(trajs) // max(len(prompts), 1), self.reward_fn) if problems else 0
         self.batches += 1
-        return trajs, rollout_stats(trajs, seconds) | {"gen/score_errors": float(errors)}
+        peak = g.stats.get("peak_cache_bytes", 0)
+        return trajs, rollout_stats(trajs, seconds, peak) | {"gen/score_errors": float(errors)}
 
     def _maybe_fail(self) -> None:
         """Fault injection (run.fault.*) for reliability tests: exit the actor process."""

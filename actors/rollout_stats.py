@@ -2,13 +2,41 @@
 actor), so the driver gets numbers without fetching payloads from the object store."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Sequence
 
 from e3rl.core.trajectory import Trajectory
 
+# means weighted by a count other than samples when shards are merged
+_WEIGHTED_BY = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
+                "e3rl/threshold_mean": "e3rl/segments_judged"}
+_SUMMED = ("gen/samples", "gen/tokens_produced", "gen/tokens_kept", "gen/forward_tokens", "e3rl/compactions",
+           "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged")
+_MAXED = ("gen/seconds", "gen/peak_kv_bytes")
 
-def rollout_stats(trajs: Sequence[Trajectory], seconds: float) -> dict[str, float]:
+
+def segment_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    """Composite uncertainty of kept vs erased segments and the mean threshold they were judged against
+    (a segment judged without a reference has threshold inf and is left out of the threshold mean)."""
+    kept, erased, taus = [], [], []
+    for t in trajs:
+        s = t.segments
+        for u, tau, e in zip(s.uncertainty.tolist(), s.threshold.tolist(), s.erased.tolist()):
+            if math.isfinite(u):
+                (erased if e else kept).append(u)
+            if math.isfinite(tau):
+                taus.append(tau)
+
+    def mean(xs: list) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
+    return {"e3rl/segments_kept": float(len(kept)), "e3rl/segments_erased": float(len(erased)),
+            "e3rl/segments_judged": float(len(taus)), "e3rl/u_kept_mean": mean(kept),
+            "e3rl/u_erased_mean": mean(erased), "e3rl/threshold_mean": mean(taus)}
+
+
+def rollout_stats(trajs: Sequence[Trajectory], seconds: float, peak_kv_bytes: int = 0) -> dict[str, float]:
     n = max(len(trajs), 1)
     produced = sum(int(t.stream_ids.numel()) for t in trajs)
     kept = sum(int(t.kept_mask.sum()) for t in trajs)
@@ -21,27 +49,31 @@ def rollout_stats(trajs: Sequence[Trajectory], seconds: float) -> dict[str, floa
         "gen/forward_tokens": float(sum(t.forward_tokens for t in trajs)),
         "gen/seconds": seconds,
         "gen/tokens_per_s": produced / max(seconds, 1e-9),
+        "gen/peak_kv_bytes": float(peak_kv_bytes),
         "e3rl/rewinds_per_sample": sum(t.rewinds for t in trajs) / n,
         "e3rl/erased_token_frac": (produced - kept) / max(produced, 1),
         "e3rl/compactions": float(sum(t.compactions for t in trajs)),
     }
     for reason, c in Counter(t.finish_reason for t in trajs).items():
         out[f"gen/finish_{reason}"] = c / n
-    return out
+    return out | segment_stats(trajs)
 
 
 def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Combine per-shard stats: counts add, means are sample-weighted, seconds take the max (parallel)."""
+    """Combine per-shard stats: counts add, peaks and seconds take the max (parallel), means are
+    weighted by samples (or by their own segment count)."""
     total = sum(p.get("gen/samples", 0.0) for p in parts) or 1.0
     out: dict[str, float] = {}
     for key in set().union(*parts) if parts else ():
-        vals = [(p.get(key, 0.0), p.get("gen/samples", 0.0)) for p in parts]
-        if key in ("gen/seconds",):
-            out[key] = max(v for v, _ in vals)
-        elif key.startswith(("gen/samples", "gen/tokens_produced", "gen/tokens_kept", "gen/forward_tokens", "e3rl/compactions")):
-            out[key] = sum(v for v, _ in vals)
+        if key in _MAXED:
+            out[key] = max(p.get(key, 0.0) for p in parts)
+        elif key.startswith(_SUMMED):
+            out[key] = sum(p.get(key, 0.0) for p in parts)
+        elif key in _WEIGHTED_BY:
+            w = [p.get(_WEIGHTED_BY[key], 0.0) for p in parts]
+            out[key] = sum(p.get(key, 0.0) * x for p, x in zip(parts, w)) / (sum(w) or 1.0)
         else:
-            out[key] = sum(v * w for v, w in vals) / total
+            out[key] = sum(p.get(key, 0.0) * p.get("gen/samples", 0.0) for p in parts) / total
     if parts:
         out["gen/tokens_per_s"] = out["gen/tokens_produced"] / max(out["gen/seconds"], 1e-9)
     return out

@@ -262,6 +262,9 @@ class RunConfig:
     """Evaluate every N steps (0 = only before and after)."""
     eval_group_size: int = 4
     """Samples per held-out problem (Avg@k, Pass@k)."""
+    eval_heal: Literal["auto", "heal", "plain"] = "auto"
+    """Sampling for evaluation: `auto` = as in training, `heal` = self-healing, `plain` = plain sampling
+    (measures the policy alone: method comparisons)."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
@@ -274,6 +277,12 @@ class RunConfig:
     """Max policy-version lag of a trained batch (0 = on-policy)."""
     progress: bool = True
     """Console progress bar."""
+    trace_every: int = 1
+    """Every N steps, keep `trace_samples` trajectories (tokens, surprisal, segments) in traces/ for report.html (0 = off)."""
+    trace_samples: int = 16
+    """Trajectories kept per traced step (the first ones of the first shard: whole prompt groups)."""
+    report: bool = True
+    """Write report.html (plots + coloured sample trajectories) at the end of the run."""
     fault: FaultConfig = field(default_factory=FaultConfig)
     """Fault injection for reliability tests."""
 
@@ -389,6 +398,7 @@ def _validate(c: Config) -> None:
     _check(run.buffer_capacity >= 1, "run.buffer_capacity", "must be >= 1", "e.g. 4")
     _check(run.max_staleness >= 0, "run.max_staleness", "must be >= 0", "0 = on-policy")
     _check(run.eval_group_size >= 1, "run.eval_group_size", "must be >= 1", "e.g. 4")
+    _check(run.trace_every >= 0 and run.trace_samples >= 0, "run.trace_every", "must be >= 0", "0 turns traces off")
     _check(0 <= run.fault.generator_die_prob <= 1, "run.fault.generator_die_prob", "must be in [0, 1]", "0 = off")
 
 

@@ -54,6 +54,7 @@ class Hooks:
     checkpoint: Callable[[], None]
     log: Callable[[int, dict[str, float]], None]
     should_stop: Callable[[], bool] = lambda: False
+    trace: Callable[[int, list], None] = lambda step, refs: None  # (step, trajectory refs) after training
 
 
 def sync_weights(roles: Roles) -> int:
@@ -82,6 +83,7 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
             state.history = roles.generators.merge_histories()
         state.step += 1
         state.samples += int(gen["gen/samples"])
+        hooks.trace(state.step, item.refs)
         metrics = gen | learn | t.as_metrics() | {"sync/policy_version": float(state.version),
                                                   "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
         if eval_every and state.step % eval_every == 0 and state.step < steps:

@@ -6,6 +6,8 @@
                  checkpoints/     DeepSpeed checkpoints (atomic, keep-last-N, `latest` pointer)
                  policy/          final HF-format policy (save_pretrained + tokenizer)
                  summary.json     steps, samples, reward first/last, accuracy, rewinds, tokens/s, phase times
+                 traces/          a few trajectories per step (Arrow IPC) for the report
+                 report.html      self-contained run report (plots, coloured sample trajectories)
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 # Fields that may change between a run and its resumption without making it another run.
-_RESUMABLE_CHANGES = ("run.steps", "run.progress", "resources.", "run.eval_every", "run.save_every")
+_RESUMABLE_CHANGES = ("run.steps", "run.progress", "resources.", "run.eval_every", "run.save_every", "run.trace_",
+                      "run.report")
 
 
 def prepare(cfg: Config) -> Path:

@@ -19,6 +19,7 @@ from e3rl.loop import Hooks, LoopState, Roles, train
 from e3rl.metrics import MetricsLogger
 from e3rl.models import load_tokenizer, materialize_builtin
 from e3rl.prompts import PromptStream
+from e3rl.traces import write_trace
 
 log = logging.getLogger("e3rl")
 
@@ -70,7 +71,8 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     k = cfg.run.eval_group_size
 
     def run_eval(step: int) -> dict[str, float]:
-        res = evaluate(roles.generators, eval_sets, k, heal=cfg.heal_active, seed=cfg.run.seed + 7)
+        heal = cfg.heal_active if cfg.run.eval_heal == "auto" else cfg.run.eval_heal == "heal"
+        res = evaluate(roles.generators, eval_sets, k, heal=heal, seed=cfg.run.seed + 7)
         return flatten(res) | {"eval/accuracy": headline(res, k)}
 
     def next_batch(step: int) -> tuple[list, list, list]:
@@ -83,9 +85,15 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
         extra = {"samples": state.samples, "cursor": state.cursor, "history": state.history}
         roles.learner.save_checkpoint(str(out / "checkpoints"), state.step, cfg.run.keep_last, extra)
 
+    def trace(step: int, refs: list) -> None:
+        if cfg.run.trace_every and cfg.run.trace_samples and step % cfg.run.trace_every == 0 and refs:
+            import ray
+
+            write_trace(out, step, ray.get(refs[0])[: cfg.run.trace_samples])
+
     before = run_eval(state.step) if eval_sets else {}
     logger.log(state.step, before)
-    hooks = Hooks(next_batch, run_eval, checkpoint, logger.log, lambda: stop.stop)
+    hooks = Hooks(next_batch, run_eval, checkpoint, logger.log, lambda: stop.stop, trace)
     first_step = state.step
     train(roles, state, cfg.run.steps, cfg.run.seed, cfg.run.eval_every, cfg.run.save_every, hooks)
     checkpoint()
@@ -95,6 +103,10 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     logger.log(state.step, after)
     logger.close()
     summary = write_summary(out, cfg, before, after, first_step, state, time.time() - t_start)
+    if cfg.run.report:
+        from e3rl.report import write_report
+
+        log.info("report: %s", write_report(out))
     roles.generators.shutdown()
     roles.learner.shutdown()
     return summary
@@ -129,6 +141,9 @@ def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step:
         "rewinds_per_sample": sum(r.get("e3rl/rewinds_per_sample", 0.0) for r in steps) / max(len(steps), 1),
         "gen_tokens_per_s": sum(r.get("gen/tokens_produced", 0.0) for r in steps) / max(gen_s, 1e-9),
         "samples_per_s": samples / max(train_s, 1e-9),
+        "tokens_per_sample": sum(r.get("gen/tokens_produced", 0.0) for r in steps) / max(samples, 1.0),
+        "kept_tokens_per_sample": sum(r.get("gen/tokens_kept", 0.0) for r in steps) / max(samples, 1.0),
+        "peak_kv_bytes": max((r.get("gen/peak_kv_bytes", 0.0) for r in steps), default=0.0),
         "phase_seconds": phases,
         "wall_s": wall_s,
         "e3rl": cfg.heal_active,

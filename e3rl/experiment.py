@@ -1,0 +1,274 @@
+"""E3RL vs GRPO (and the Erase@k ablation) on the same model, task, seeds and sample budget.
+
+    python -m e3rl.experiment [CONFIG.yaml] [--seeds 3] [--variants grpo,erase1,erase3,erase5]
+                              [--out runs/experiment] [--target 0.3] [--ray-address http://HEAD:8265]
+                              [section.key=value ...]
+
+Each (variant, seed) is one ordinary `python -m e3rl.run` into <out>/<variant>/seed<k>, run one after
+another (or submitted together as Ray jobs with --ray-address). Finished runs are skipped and
+interrupted ones resume, so re-running the command completes an experiment. Variants differ only in
+their overrides below; seeds set both `run.seed` (init, sampling) and `data.seed` (prompt order).
+Every run evaluates with self-healing off (`run.eval_heal=plain`), so accuracy measures the trained
+policy alone. Outputs: results.md / results.json (the table), curves.png, experiment.html.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from e3rl.config import ConfigError, load_config
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "grpo": ("GRPO (no healing)", ["algo.e3rl=false"]),
+    "erase1": ("E³RL Erase@1", ["algo.e3rl=true", "heal.max_erases_per_traj=1"]),
+    "erase3": ("E³RL Erase@3", ["algo.e3rl=true", "heal.max_erases_per_traj=3"]),
+    "erase5": ("E³RL Erase@5 (paper)", ["algo.e3rl=true", "heal.max_erases_per_traj=5"]),
+}
+DEFAULT_VARIANTS = "grpo,erase1,erase3,erase5"
+COMMON = ["run.eval_heal=plain", "run.progress=false"]
+
+
+@dataclass
+class RunSpec:
+    variant: str
+    seed: int
+    out: Path
+    overrides: list[str]
+
+    def command(self, config: Optional[str]) -> list[str]:
+        return ["python", "-m", "e3rl.run", *([config] if config else []), *self.overrides]
+
+
+def plan(out: Path, variants: list[str], seeds: int, extra: list[str], eval_every: int) -> list[RunSpec]:
+    specs = []
+    for v in variants:
+        for s in range(seeds):
+            d = out / v / f"seed{s}"
+            ov = [*COMMON, f"run.eval_every={eval_every}", *extra, *VARIANTS[v][1],
+                  f"run.seed={s}", f"data.seed={s}", f"run.output_dir={d}"]
+            specs.append(RunSpec(v, s, d, ov))
+    return specs
+
+
+def is_done(spec: RunSpec, config: Optional[str]) -> bool:
+    summary = spec.out / "summary.json"
+    if not summary.is_file():
+        return False
+    steps = load_config(config, spec.overrides).run.steps
+    return json.loads(summary.read_text()).get("steps") == steps and (spec.out / "policy").is_dir()
+
+
+def run_local(spec: RunSpec, config: Optional[str]) -> float:
+    spec.out.parent.mkdir(parents=True, exist_ok=True)
+    log = spec.out.parent / f"{spec.out.name}.log"
+    t = time.time()
+    with open(log, "ab") as f:
+        rc = subprocess.call([sys.executable, *spec.command(config)[1:]], stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"{spec.variant} seed {spec.seed} failed (exit {rc}): see {log}")
+    return time.time() - t
+
+
+def run_as_jobs(specs: list[RunSpec], config: Optional[str], address: str, poll_s: float = 10.0) -> None:
+    """Submit every run as a Ray job (the cluster schedules them) and wait for all."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    jobs = {client.submit_job(entrypoint=" ".join(s.command(config)), runtime_env={"working_dir": "."}): s
+            for s in specs}
+    while jobs:
+        time.sleep(poll_s)
+        for job_id, s in list(jobs.items()):
+            status = client.get_job_status(job_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                jobs.pop(job_id)
+                if status != JobStatus.SUCCEEDED:
+                    raise RuntimeError(f"{s.variant} seed {s.seed}: Ray job {job_id} {status}; `ray job logs {job_id}`")
+
+
+# ------------------------------------------------------------------ reading results (pure)
+def run_curves(run_dir: Path) -> dict:
+    """Per-run series keyed by cumulative training samples (the equal-budget axis)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if "gen/reward_mean" in r]
+    per_step = steps[0]["gen/samples"] if steps else 0.0
+    samples_at = {0: 0.0}
+    total = 0.0
+    for r in steps:
+        total += r["gen/samples"]
+        samples_at[r["step"]] = total
+    evals = [r for r in rows if "eval/accuracy" in r]
+    return {
+        "samples_per_step": per_step,
+        "reward": [(samples_at[r["step"]], r["gen/reward_mean"]) for r in steps],
+        "rewinds": [(samples_at[r["step"]], r.get("e3rl/rewinds_per_sample", 0.0)) for r in steps],
+        "accuracy": [(samples_at.get(r["step"], r["step"] * per_step), r["eval/accuracy"]) for r in evals],
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+    }
+
+
+def samples_to_target(accuracy: list[tuple[float, float]], target: float) -> Optional[float]:
+    """Training samples at the first evaluation reaching `target` (None if none did)."""
+    return next((s for s, a in sorted(accuracy) if a >= target), None)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def table_rows(curves: dict[str, list[dict]], target: float) -> list[dict]:
+    rows = []
+    for v, runs in curves.items():
+        s = [c["summary"] for c in runs]
+        wall = [sum(x["phase_seconds"].values()) / max(x["samples"], 1) for x in s]
+        reached = [samples_to_target(c["accuracy"], target) for c in runs]
+        rows.append({
+            "variant": v, "label": VARIANTS.get(v, (v,))[0], "seeds": len(runs),
+            "samples": s[0]["samples"],
+            "accuracy_before": mean_std([x["accuracy_before"] for x in s]),
+            "accuracy_after": mean_std([x["accuracy_after"] for x in s]),
+            "reward_last": mean_std([x["reward_last5_mean"] for x in s]),
+            "samples_to_target": mean_std([r for r in reached if r is not None]),
+            "reached": sum(r is not None for r in reached),
+            "tokens_per_sample": mean_std([x["tokens_per_sample"] for x in s]),
+            "wall_s_per_sample": mean_std(wall),
+            "rewinds_per_sample": mean_std([x["rewinds_per_sample"] for x in s]),
+            "peak_kv_mb": mean_std([x["peak_kv_bytes"] / 1e6 for x in s]),
+        })
+    return rows
+
+
+def _fmt(ms: tuple[float, float], digits: int = 3) -> str:
+    m, s = ms
+    return "—" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], target: float) -> str:
+    head = ("| method | seeds | samples | held-out acc. before | acc. after (equal samples) | train reward (last 5) "
+            f"| samples to acc. ≥ {target:g} | gen. tokens / sample | wall s / sample | rewinds / sample "
+            "| peak KV MB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        reach = f"{_fmt(r['samples_to_target'], 0)} ({r['reached']}/{r['seeds']})"
+        lines.append(f"| {r['label']} | {r['seeds']} | {r['samples']} | {_fmt(r['accuracy_before'])} | "
+                     f"{_fmt(r['accuracy_after'])} | {_fmt(r['reward_last'])} | {reach} | "
+                     f"{_fmt(r['tokens_per_sample'], 1)} | {_fmt(r['wall_s_per_sample'], 2)} | "
+                     f"{_fmt(r['rewinds_per_sample'], 2)} | {_fmt(r['peak_kv_mb'], 2)} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ pictures
+def _band(ax, runs: list[dict], key: str, label: str, style: str) -> None:
+    """Mean over seeds at each shared x, shaded min..max."""
+    xs = sorted({x for c in runs for x, _ in c[key]})
+    if not xs:
+        return
+    pts = [[dict(c[key]).get(x) for c in runs] for x in xs]
+    keep = [(x, [y for y in p if y is not None]) for x, p in zip(xs, pts)]
+    keep = [(x, ys) for x, ys in keep if ys]
+    mx = [x for x, _ in keep]
+    line = ax.plot(mx, [statistics.fmean(ys) for _, ys in keep], style, label=label)[0]
+    ax.fill_between(mx, [min(ys) for _, ys in keep], [max(ys) for _, ys in keep], color=line.get_color(), alpha=0.15)
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path:
+    from e3rl.report import plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for v, runs in curves.items():
+        label = VARIANTS.get(v, (v,))[0]
+        _band(axes[0], runs, "accuracy", label, "o-")
+        _band(axes[1], runs, "reward", label, ".-")
+        _band(axes[2], runs, "rewinds", label, ".-")
+    for ax, title, ylabel in ((axes[0], "Held-out accuracy (Avg@k, plain sampling)", "accuracy"),
+                              (axes[1], "Training reward", "mean reward"),
+                              (axes[2], "Rewinds per sample", "rewinds")):
+        ax.set(title=title, xlabel="training samples", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("mean over seeds, band = min..max")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out: Path, curves: dict[str, list[dict]], target: float, wall_s: float) -> dict:
+    import base64
+    import html
+
+    from e3rl.rundir import write_json_atomic
+
+    rows = table_rows(curves, target)
+    md = markdown_table(rows, target)
+    (out / "results.md").write_text(md + "\n")
+    write_json_atomic(out / "results.json", {"target": target, "wall_s": wall_s, "rows": rows})
+    png = plot_curves(curves, out / "curves.png")
+    img = base64.b64encode(png.read_bytes()).decode()
+    links = "".join(f"<li>{html.escape(v)}: " + ", ".join(
+        f"<a href='{v}/seed{i}/report.html'>seed {i}</a>" for i in range(len(runs))) + "</li>"
+        for v, runs in curves.items())
+    body = "".join(f"<tr>{''.join(f'<td>{html.escape(c.strip())}</td>' for c in line.strip('|').split('|'))}</tr>"
+                   for line in md.splitlines() if not line.startswith("|---"))
+    (out / "experiment.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>e3rl experiment</title><style>"
+        "body{font-family:system-ui;max-width:1200px;margin:2em auto}td{border:1px solid #ccc;padding:3px 6px}"
+        f"table{{border-collapse:collapse}}</style><h1>E³RL vs GRPO</h1><table>{body}</table>"
+        f"<img style='max-width:100%' src='data:image/png;base64,{img}'><h2>Run reports</h2><ul>{links}</ul>",
+        encoding="utf-8")
+    return {"rows": rows, "markdown": md}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m e3rl.experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="?", help="base YAML (default: the embedded default run)")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--out", default="runs/experiment")
+    p.add_argument("--target", type=float, default=0.3, help="accuracy for the samples-to-target column")
+    p.add_argument("--eval-every", type=int, default=4, help="held-out evaluation every N steps (the curve points)")
+    p.add_argument("--ray-address", default="", help="submit the runs as Ray jobs to this dashboard address")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.config and "=" in a.config:
+        a.overrides, a.config = [a.config, *a.overrides], None
+    try:
+        variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown or a.seeds < 1:
+            raise ConfigError(f"--variants/--seeds: unknown {unknown} or seeds < 1 — use seeds >= 1 and variants "
+                              f"from {list(VARIANTS)}")
+        out = Path(a.out)
+        specs = plan(out, variants, a.seeds, a.overrides, a.eval_every)
+        for s in specs:
+            load_config(a.config, s.overrides)  # every run's config is valid before any starts
+    except ConfigError as e:
+        print(f"e3rl.experiment: error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    todo = [s for s in specs if not is_done(s, a.config)]
+    print(f"{len(specs)} runs, {len(specs) - len(todo)} already done", flush=True)
+    if a.ray_address and todo:
+        run_as_jobs(todo, a.config, a.ray_address)
+    for s in todo if not a.ray_address else []:
+        secs = run_local(s, a.config)
+        print(f"  {s.variant} seed {s.seed}: {secs:.0f} s", flush=True)
+    curves = {v: [run_curves(s.out) for s in specs if s.variant == v] for v in variants}
+    res = write_outputs(out, curves, a.target, time.time() - t0)
+    print(res["markdown"])
+    print(f"experiment: {out}/results.md, curves.png, experiment.html ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
