@@ -1,7 +1,8 @@
 """E3RL vs GRPO (and the Erase@k ablation) on the same model, task, seeds and sample budget.
 
     python -m e3rl.experiment [CONFIG.yaml] [--seeds 3] [--variants grpo,erase1,erase3,erase5]
-                              [--out runs/experiment] [--target 0.3] [--ray-address http://HEAD:8265]
+                              [--out runs/experiment] [--target 0.3] [--parallel 1]
+                              [--ray-address http://HEAD:8265]
                               [section.key=value ...]
 
 Each (variant, seed) is one ordinary `python -m e3rl.run` into <out>/<variant>/seed<k>, run one after
@@ -238,6 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="runs/experiment")
     p.add_argument("--target", type=float, default=0.3, help="accuracy for the samples-to-target column")
     p.add_argument("--eval-every", type=int, default=4, help="held-out evaluation every N steps (the curve points)")
+    p.add_argument("--parallel", type=int, default=1, help="local runs at once (1 = in sequence: honest timings)")
     p.add_argument("--ray-address", default="", help="submit the runs as Ray jobs to this dashboard address")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if a.config and "=" in a.config:
@@ -260,9 +262,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already done", flush=True)
     if a.ray_address and todo:
         run_as_jobs(todo, a.config, a.ray_address)
-    for s in todo if not a.ray_address else []:
-        secs = run_local(s, a.config)
-        print(f"  {s.variant} seed {s.seed}: {secs:.0f} s", flush=True)
+    if not a.ray_address:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(a.parallel, 1)) as pool:  # each run is its own process
+            for s, secs in zip(todo, pool.map(lambda s: run_local(s, a.config), todo)):
+                print(f"  {s.variant} seed {s.seed}: {secs:.0f} s", flush=True)
     curves = {v: [run_curves(s.out) for s in specs if s.variant == v] for v in variants}
     res = write_outputs(out, curves, a.target, time.time() - t0)
     print(res["markdown"])

@@ -1,0 +1,88 @@
+"""`python -m e3rl.experiment` end to end on the tiny model: GRPO vs E3RL Erase@1, 2 steps, one seed,
+both runs at once. Checks the table, the curves, the experiment page and each run's report.html,
+and that re-running the command reuses finished runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.test_run_tiny import REPO, REWARD_FN, run_env
+
+ARGS = ["configs/tiny.yaml", "run.steps=2", f"reward.fn={REWARD_FN}", "heal.threshold_k=0",
+        "heal.history_weight=0", "--seeds", "1", "--variants", "grpo,erase1", "--eval-every", "1", "--parallel", "2"]
+
+
+def experiment(out) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "e3rl.experiment", *ARGS, "--out", str(out)], cwd=REPO,
+                          env=run_env(), capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    t = time.time()
+    p = experiment(out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    print(f"tiny experiment in {time.time() - t:.0f} s")
+    return out, p.stdout
+
+
+def test_table_compares_variants_at_equal_samples(exp):
+    out, stdout = exp
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"grpo", "erase1"}
+    assert rows["grpo"]["samples"] == rows["erase1"]["samples"] == 2 * 2 * 4  # steps x prompts x G
+    assert rows["grpo"]["rewinds_per_sample"][0] == 0.0
+    assert 0.0 < rows["erase1"]["rewinds_per_sample"][0] <= 1.0  # forced healing, budget of one erase
+    assert rows["erase1"]["tokens_per_sample"][0] > 0
+    for r in rows.values():
+        assert r["peak_kv_mb"][0] > 0 and r["wall_s_per_sample"][0] > 0
+        assert 0 <= r["accuracy_after"][0] <= 1
+    for v in ("grpo", "erase1"):  # the table's numbers are the runs' own
+        s = json.loads((out / v / "seed0" / "summary.json").read_text())
+        assert rows[v]["accuracy_after"][0] == pytest.approx(s["accuracy_after"])
+        assert rows[v]["tokens_per_sample"][0] == pytest.approx(s["tokens_per_sample"])
+    md = (out / "results.md").read_text()
+    assert "| GRPO (no healing) | 1 | 16 |" in md and "| E³RL Erase@1 | 1 | 16 |" in md
+    assert md in stdout + "\n"
+
+
+def test_curves_and_experiment_page(exp):
+    out, _ = exp
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    page = (out / "experiment.html").read_text()
+    assert "data:image/png;base64," in page
+    assert "href='grpo/seed0/report.html'" in page and "href='erase1/seed0/report.html'" in page
+
+
+def test_each_run_has_its_report_and_traces(exp):
+    out, _ = exp
+    for v in ("grpo", "erase1"):
+        run = out / v / "seed0"
+        page = (run / "report.html").read_text()
+        for anchor in ("summary", "reward", "rewinds", "phases", "uncertainty", "threshold", "samples"):
+            assert f"<h2 id={anchor}>" in page, (v, anchor)
+        assert page.count("data:image/png;base64,") == 5
+        assert sorted(p.name for p in (run / "traces").iterdir()) == ["step_000001.arrow", "step_000002.arrow"]
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert sum("eval/accuracy" in r for r in rows) == 3  # before, after step 1, after step 2
+        cfg = (run / "config.yaml").read_text()
+        assert "eval_heal: plain" in cfg and "seed: 0" in cfg
+    # erased segments are shown struck through only where healing ran
+    assert "<del title=" in (out / "erase1" / "seed0" / "report.html").read_text()
+    assert "<del title=" not in (out / "grpo" / "seed0" / "report.html").read_text()
+
+
+def test_rerun_reuses_finished_runs(exp):
+    out, _ = exp
+    t = time.time()
+    p = experiment(out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 runs, 2 already done" in p.stdout
+    assert time.time() - t < 60

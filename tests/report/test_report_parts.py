@@ -1,0 +1,123 @@
+"""The report's and the experiment's parts on hand-built data: no Ray, no model (milliseconds)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from actors.rollout_stats import merge_stats, rollout_stats, segment_stats
+from e3rl.experiment import VARIANTS, markdown_table, mean_std, plan, samples_to_target, table_rows
+from e3rl.report import build_report, pick_samples, render_trajectory
+from e3rl.traces import read_traces, write_trace
+from tests.core.test_trajectory import _traj
+
+
+def piece(tok: int) -> str:
+    return f"t{tok} "
+
+
+def test_render_strikes_through_each_erased_attempt_then_shows_its_replacement():
+    t = _traj()  # stream 10..19; tokens 12,13,14 erased by rewind 5; token 17 erased by rewind 8
+    out = render_trajectory(t, piece)
+    text = re.sub(r"<span[^>]*>", "", out).replace("</span>", "")
+    text = re.sub(r'<del title="[^"]*">', "<del>", text)
+    assert text == "t10 t11 <del>t12 t13 t14 </del>t15 t16 <del>t17 </del>t18 t19 "
+    # colour grows with surprisal (0.1 .. 2.0 nats here)
+    alphas = [float(a) for a in re.findall(r"rgba\(220,40,30,([0-9.]+)\)", out)]
+    assert len(alphas) == 10 and alphas == sorted(alphas) and alphas[0] < alphas[-1]
+    assert 'title="surprisal 2.00"' in out
+
+
+def test_render_escapes_html_in_tokens():
+    out = render_trajectory(_traj(), lambda tok: "<b>&" if tok == 10 else "x")
+    assert "&lt;b&gt;&amp;" in out and "<b>" not in out
+
+
+def test_pick_samples_prefers_rewound_and_spans_first_and_last_step():
+    a, b = _traj(reward=0.0), _traj(reward=1.0)
+    b.rewinds = 0
+    picked = pick_samples({1: [b, a], 5: [a, b]}, n=4)
+    assert [s for s, _ in picked] == [1, 1, 5, 5]
+    assert picked[0][1] is a  # rewound first, despite lower reward
+
+
+def test_segment_stats_by_hand_and_weighted_merge():
+    t = _traj()  # kept U: 1, 2 (nan skipped); erased U: 9, 8; finite thresholds 3, 3, 4, 3
+    s = segment_stats([t])
+    assert (s["e3rl/segments_kept"], s["e3rl/segments_erased"], s["e3rl/segments_judged"]) == (2.0, 2.0, 4.0)
+    assert s["e3rl/u_kept_mean"] == pytest.approx(1.5) and s["e3rl/u_erased_mean"] == pytest.approx(8.5)
+    assert s["e3rl/threshold_mean"] == pytest.approx(3.25)
+    one = rollout_stats([t], seconds=2.0, peak_kv_bytes=100)
+    two = rollout_stats([t, t, t], seconds=1.0, peak_kv_bytes=300)
+    two["e3rl/u_kept_mean"] = 3.5  # pretend another shard's kept segments were more uncertain
+    m = merge_stats([one, two])
+    assert m["gen/samples"] == 4 and m["gen/peak_kv_bytes"] == 300 and m["gen/seconds"] == 2.0
+    assert m["e3rl/segments_kept"] == 8  # 2 + 6
+    assert m["e3rl/u_kept_mean"] == pytest.approx((1.5 * 2 + 3.5 * 6) / 8)  # weighted by kept segments
+    assert m["gen/tokens_per_s"] == pytest.approx(40 / 2.0)
+
+
+def test_trace_files_round_trip(tmp_path):
+    trajs = [_traj(0.5), _traj(1.0)]
+    write_trace(tmp_path, 3, trajs)
+    write_trace(tmp_path, 1, trajs[:1])
+    back = read_traces(tmp_path)
+    assert list(back) == [1, 3] and len(back[3]) == 2
+    assert torch.equal(back[3][1].stream_ids, trajs[1].stream_ids) and back[3][1].reward == 1.0
+    assert torch.equal(back[3][0].erased_at, trajs[0].erased_at)
+    assert not list((tmp_path / "traces").glob("*.tmp"))
+
+
+def _curve(acc, reward=0.5, samples=32, rewinds=0.0, kv=1e6):
+    pts = [(i * 16.0, a) for i, a in enumerate(acc)]
+    return {"samples_per_step": 16.0, "accuracy": pts, "reward": pts[1:], "rewinds": [(16.0, rewinds)],
+            "summary": {"samples": samples, "accuracy_before": acc[0], "accuracy_after": acc[-1],
+                        "reward_last5_mean": reward, "tokens_per_sample": 20.0, "rewinds_per_sample": rewinds,
+                        "peak_kv_bytes": kv, "phase_seconds": {"generate": 8.0, "train": 24.0}}}
+
+
+def test_samples_to_target_and_table_numbers():
+    assert samples_to_target([(0, 0.1), (16, 0.35), (32, 0.5)], 0.3) == 16
+    assert samples_to_target([(0, 0.1), (16, 0.2)], 0.3) is None
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([2.0]) == (2.0, 0.0) and math.isnan(mean_std([])[0])
+    curves = {"grpo": [_curve([0.1, 0.2, 0.4]), _curve([0.1, 0.3, 0.3])],
+              "erase1": [_curve([0.1, 0.1, 0.2], rewinds=0.8)]}
+    rows = {r["variant"]: r for r in table_rows(curves, target=0.3)}
+    g = rows["grpo"]
+    assert g["accuracy_after"] == (pytest.approx(0.35), pytest.approx(math.sqrt(0.005)))
+    assert g["samples_to_target"] == (24.0, pytest.approx(math.sqrt(128))) and g["reached"] == 2  # 32 and 16
+    assert g["wall_s_per_sample"] == (1.0, 0.0)  # (8 + 24) s / 32 samples
+    assert rows["erase1"]["reached"] == 0 and math.isnan(rows["erase1"]["samples_to_target"][0])
+    md = markdown_table(list(rows.values()), 0.3)
+    assert "| GRPO (no healing) | 2 | 32 | 0.100 ± 0.000 | 0.350 ± 0.071 |" in md
+    assert "| E³RL Erase@1 | 1 | 32 |" in md and "— (0/1)" in md
+
+
+def test_plan_gives_every_variant_the_same_seeds_and_budget(tmp_path):
+    specs = plan(tmp_path, ["grpo", "erase3"], seeds=2, extra=["run.steps=4"], eval_every=2)
+    assert [(s.variant, s.seed) for s in specs] == [("grpo", 0), ("grpo", 1), ("erase3", 0), ("erase3", 1)]
+    for s in specs:
+        assert f"run.seed={s.seed}" in s.overrides and f"data.seed={s.seed}" in s.overrides
+        assert "run.steps=4" in s.overrides and "run.eval_heal=plain" in s.overrides
+        assert s.overrides[-1] == f"run.output_dir={tmp_path / s.variant / f'seed{s.seed}'}"
+        assert all(o in s.overrides for o in VARIANTS[s.variant][1])
+
+
+def test_report_page_from_a_hand_written_run(tmp_path):
+    rows = [{"step": 0, "eval/accuracy": 0.1},
+            {"step": 1, "gen/reward_mean": 0.2, "e3rl/rewinds_per_sample": 1.0, "time/generate_s": 1.0,
+             "time/train_s": 2.0, "e3rl/threshold_mean": 3.0, "e3rl/u_kept_mean": 2.0, "e3rl/u_erased_mean": 5.0},
+            {"step": 1, "eval/accuracy": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 1, "samples": 8, "e3rl": True, "peak_kv_bytes": 2e6}))
+    write_trace(tmp_path, 1, [_traj()])
+    page = build_report(tmp_path, tokenizer=None)
+    for anchor in ("summary", "reward", "rewinds", "phases", "uncertainty", "threshold", "samples"):
+        assert f"<h2 id={anchor}>" in page
+    assert page.count("data:image/png;base64,") == 5
+    assert page.count("<del ") == 2 and "<td>peak KV cache (MB)</td><td>2.000</td>" in page
+    assert "<script" not in page and "http" not in page.replace("http-equiv", "")  # offline, self-contained
