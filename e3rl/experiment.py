@@ -6,7 +6,8 @@
                               [section.key=value ...]
 
 Each (variant, seed) is one ordinary `python -m e3rl.run` into <out>/<variant>/seed<k>, run one after
-another (or submitted together as Ray jobs with --ray-address). Finished runs are skipped and
+another (or submitted together as Ray jobs with --ray-address: the jobs write to the absolute --out, so it must
+be visible here too — run the command on the head node or use shared storage). Finished runs are skipped and
 interrupted ones resume, so re-running the command completes an experiment. Variants differ only in
 their overrides below; seeds set both `run.seed` (init, sampling) and `data.seed` (prompt order).
 Every run evaluates with self-healing off (`run.eval_heal=plain`), so accuracy measures the trained
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -83,7 +85,7 @@ def run_as_jobs(specs: list[RunSpec], config: Optional[str], address: str, poll_
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    jobs = {client.submit_job(entrypoint=" ".join(s.command(config)), runtime_env={"working_dir": "."}): s
+    jobs = {client.submit_job(entrypoint=shlex.join(s.command(config)), runtime_env={"working_dir": "."}): s
             for s in specs}
     while jobs:
         time.sleep(poll_s)
@@ -250,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if unknown or a.seeds < 1:
             raise ConfigError(f"--variants/--seeds: unknown {unknown} or seeds < 1 — use seeds >= 1 and variants "
                               f"from {list(VARIANTS)}")
-        out = Path(a.out)
+        out = Path(a.out).resolve()  # absolute: a Ray job's working dir is a temporary copy of this one
         specs = plan(out, variants, a.seeds, a.overrides, a.eval_every)
         for s in specs:
             load_config(a.config, s.overrides)  # every run's config is valid before any starts

@@ -2,6 +2,8 @@
 --working-dir .` of `python -m e3rl.run configs/tiny.yaml`, then the run's Ray gauges on the
 Prometheus endpoint (`--metrics-export-port`).
 
+Also `python -m e3rl.experiment --ray-address`: its runs submitted as concurrent jobs to the same head.
+
 The head runs with `--block` as our child process, on free ports and its own `--temp-dir`, and is
 stopped by signalling that process (its shutdown hook stops the node's processes). `ray stop
 --force` is deliberately not used: it kills every Ray process on the machine, including other
@@ -64,7 +66,7 @@ def gauges(text: str) -> dict[str, float]:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head():
     # short temp dir: Ray's unix socket paths must stay under ~107 characters
     tmp = Path(tempfile.mkdtemp(prefix="e3rj", dir="/tmp"))
@@ -154,3 +156,20 @@ def test_job_submit_runs_and_exports_gauges(head, tmp_path):
     assert not names & {"runs", ".git", ".venv", "e3rl.egg-info", ".pytest_cache"}
     size = sum(f.stat().st_size for f in pkgs[0].rglob("*") if f.is_file())
     assert size < 5 * 2**20, f"working dir upload is {size / 2**20:.1f} MiB"
+
+
+def test_experiment_runs_as_ray_jobs(head, tmp_path):
+    """Two tiny runs (GRPO, Erase@1) submitted together as jobs; the table is built from their run dirs."""
+    out = tmp_path / "exp"
+    p = subprocess.run(
+        [sys.executable, "-m", "e3rl.experiment", "configs/tiny.yaml", "run.steps=1", "--seeds", "1",
+         "--variants", "grpo,erase1", "--out", str(out), "--ray-address", f"http://127.0.0.1:{head['dash']}"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"grpo", "erase1"} and rows["grpo"]["samples"] == rows["erase1"]["samples"] == 8
+    for v in rows:
+        assert (out / v / "seed0" / "report.html").is_file() and (out / v / "seed0" / "policy").is_dir()
+    jobs = json.loads(http_get(f"http://127.0.0.1:{head['dash']}/api/jobs/"))
+    entrypoints = [j["entrypoint"] for j in jobs if "e3rl.run" in j["entrypoint"] and str(out) in j["entrypoint"]]
+    assert len(entrypoints) == 2 and all(j["status"] == "SUCCEEDED" for j in jobs if j["entrypoint"] in entrypoints)
