@@ -153,6 +153,63 @@ def build_random_model(m: ModelConfig, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def _causal_lm_problem(config: Any) -> str:
+    """Why `config` does not describe a causal LM ("" if it does): its saved architecture is not one
+    of the causal-LM classes, or its model type has none (encoder-only / encoder-decoder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return ""  # remote code declares its own causal-LM class
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a in names for a in archs):
+        return f"a {archs[0]}"
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"a {config.model_type!r} model (no causal-LM head in transformers)"
+    return ""
+
+
+def _ships_code(d: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((d / "config.json").read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_model(m: ModelConfig) -> None:
+    """Everything about the model that can be checked without loading weights: the dir exists,
+    its config parses, and it is a causal LM. Run in the driver, before any actor (which would
+    otherwise fail deep inside Ray with a traceback)."""
+    from transformers import AutoConfig
+
+    if m.path == "random":
+        kw = dict(m.random_init)
+        try:
+            config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"model.random_init: transformers cannot build it ({str(e).splitlines()[0][:160]}) — "
+                              "use a model_type such as qwen3, llama or qwen2 and its config keys") from None
+        where = "model.random_init"
+    else:
+        d = _model_dir(m.path)
+        kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
+        if not m.trust_remote_code and _ships_code(d):
+            raise ConfigError(f"model.path: {m.path!r} ships its own model code (auto_map in config.json), which is "
+                              "off by default — set model.trust_remote_code=true only if you trust that code")
+        try:
+            config = AutoConfig.from_pretrained(d, trust_remote_code=m.trust_remote_code, **kw)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"model.path: {m.path!r} holds no readable model config ({str(e).splitlines()[0][:160]}) "
+                              "— give a local HF model dir (config.json + weights) or set model.gguf_file") from None
+        where = "model.path"
+    problem = _causal_lm_problem(config)
+    if problem:
+        raise ConfigError(f"{where}: {m.path!r} is {problem}, not a causal LM — use a *ForCausalLM checkpoint "
+                          "(a decoder-only model such as Qwen3 or Llama)")
+
+
 def load_model(m: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None,
                seed: int = 0) -> torch.nn.Module:
     """The policy as a HF causal LM on `device`/`dtype` (both resolved from config if None), eval mode."""
@@ -166,9 +223,9 @@ def load_model(m: ModelConfig, device: torch.device | None = None, dtype: torch.
         d = _model_dir(m.path)
         kw: dict = {"gguf_file": m.gguf_file} if m.gguf_file else {}
         config = AutoConfig.from_pretrained(d, trust_remote_code=m.trust_remote_code, **kw)
-        archs = getattr(config, "architectures", None) or []
-        if archs and not any(a.endswith("ForCausalLM") for a in archs):
-            raise ConfigError(f"model.path: {m.path!r} is a {archs[0]}, not a causal LM — use a *ForCausalLM checkpoint")
+        problem = _causal_lm_problem(config)
+        if problem:
+            raise ConfigError(f"model.path: {m.path!r} is {problem}, not a causal LM — use a *ForCausalLM checkpoint")
         model = AutoModelForCausalLM.from_pretrained(
             d, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **kw
         )

@@ -1,15 +1,21 @@
 """Connecting to Ray: a cluster address (config or $RAY_ADDRESS) or an embedded local Ray.
 
 Failures are answered in seconds with one line: an address that does not answer is probed with
-a TCP connect before `ray.init` (which can otherwise retry for minutes), and resources the
-cluster does not have are refused before any actor is created (an actor would pend forever).
+a TCP connect before `ray.init` (which can otherwise retry for minutes); an address that answers
+but is not Ray (e.g. the dashboard's port) gets `connect_timeout_s` to become a Ray connection;
+and resources the cluster does not have are refused before any actor is created (an actor would
+pend forever).
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
 from e3rl.config import Config, ConfigError, ResourcesConfig
@@ -46,8 +52,53 @@ def _probe(address: str, timeout_s: float) -> None:
         ) from None
 
 
+def _init_within(address: str, timeout_s: float, **kw: Any) -> Any:
+    """`ray.init(address)`, or one line and exit code 2 after `timeout_s`.
+
+    Against a port that accepts TCP but is not a Ray GCS, `ray.init` retries inside C++ for minutes
+    and cannot be interrupted from Python, so a watchdog thread ends the process (nothing has been
+    written yet: the run dir is created after connecting)."""
+    import ray
+
+    done = threading.Event()
+    fix = "give the head's GCS address (HOST:6379, not the dashboard's 8265) or ray://HOST:10001"
+
+    def watchdog() -> None:
+        if not done.wait(timeout_s):
+            print(f"e3rl: error: resources.address: {address} accepted a connection but no Ray cluster answered "
+                  f"within {timeout_s:.0f}s — {fix}", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    threading.Thread(target=watchdog, daemon=True, name="ray-connect-watchdog").start()
+    try:
+        return ray.init(address=address, **kw)
+    except ConnectionError as e:
+        raise ConfigError(f"resources.address: {address} is not a Ray cluster ({str(e).splitlines()[0]}) — {fix}") from None
+    finally:
+        done.set()
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """`ray.init` installs Ray's C++ fatal-signal handler for SIGTERM in the driver, which kills
+    it on the spot: put ours back (the run's StopFlag: finish the step, checkpoint, exit 0)."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            if h is not None:
+                signal.signal(s, h)
+
+
 def connect(cfg: Config) -> RayInfo:
     """Join the configured cluster or start an embedded one sized to this machine."""
+    with _keep_signal_handlers():
+        return _connect(cfg)
+
+
+def _connect(cfg: Config) -> RayInfo:
     import ray
 
     r = cfg.resources
@@ -58,7 +109,7 @@ def connect(cfg: Config) -> RayInfo:
     runtime_env = {"env_vars": env}
     if address:
         _probe(address, r.connect_timeout_s)
-        info = ray.init(address=address, runtime_env=runtime_env)
+        info = _init_within(address, r.connect_timeout_s, runtime_env=runtime_env)
         embedded = False
     else:
         # Decide the auth mode explicitly: left unset, an embedded Ray writes a token file that

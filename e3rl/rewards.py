@@ -155,6 +155,18 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+def check_reward_fn(spec: str) -> None:
+    """Import a user reward in the driver, so a bad `reward.fn` is one line before any actor starts."""
+    from e3rl.config import ConfigError
+
+    if spec in ("auto", "math_verify"):
+        return
+    try:
+        load_reward_fn(spec)
+    except ValueError as e:
+        raise ConfigError(f"reward.fn: {e} — use auto, math_verify, or an importable 'package.module:function'") from None
+
+
 @dataclass(frozen=True)
 class BatchScores:
     """Scores in input order; failed items score 0.0 and are counted, never hidden."""

@@ -41,11 +41,11 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # Fields that may change between a run and its resumption without making it another run.
 _RESUMABLE_CHANGES = ("run.steps", "run.progress", "resources.", "run.eval_every", "run.save_every", "run.trace_",
-                      "run.report")
+                      "run.report", "run.max_skipped_steps")
 
 
-def prepare(cfg: Config) -> Path:
-    """Create or reopen the run dir. A dir holding a *different* run is refused, never overwritten."""
+def check(cfg: Config) -> Path:
+    """Refuse a dir holding a *different* run (or other files), writing nothing. -> the run dir."""
     out = Path(cfg.run.output_dir)
     saved = out / "config.yaml"
     if saved.is_file():
@@ -63,6 +63,13 @@ def prepare(cfg: Config) -> Path:
             )
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"run.output_dir: {out} is not empty and holds no e3rl run — choose a new run.output_dir")
+    return out
+
+
+def prepare(cfg: Config) -> Path:
+    """Create or reopen the run dir (after `check`). Call it once every input is validated, so a
+    bad model, dataset or cluster leaves no half-made run dir behind."""
+    out = check(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    save_config(cfg, out / "config.yaml")
     return out

@@ -17,8 +17,9 @@ from e3rl.data import encode_prompts, load_workload
 from e3rl.evaluation import EvalSet, evaluate, headline
 from e3rl.loop import Hooks, LoopState, Roles, train
 from e3rl.metrics import MetricsLogger
-from e3rl.models import load_tokenizer, materialize_builtin
+from e3rl.models import check_model, load_tokenizer, materialize_builtin
 from e3rl.prompts import PromptStream
+from e3rl.rewards import check_reward_fn
 from e3rl.traces import write_trace
 
 log = logging.getLogger("e3rl")
@@ -51,9 +52,11 @@ def _resume(cfg: Config, roles: Roles, out: Path, stream: PromptStream) -> LoopS
 
 def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     t_start = time.time()
-    out = rundir.prepare(cfg)
+    rundir.check(cfg)  # every input is validated before the run dir is written (rundir.prepare below)
     if cfg.model.path.startswith("builtin:"):
         materialize_builtin(cfg.model.path)  # once, before actors race to convert it
+    check_model(cfg.model)
+    check_reward_fn(cfg.reward.fn)
     tokenizer = load_tokenizer(cfg.model)
     work = load_workload(cfg, tokenizer)
     log.info("data: %s", {k: asdict(v) for k, v in work.stats.items()})
@@ -64,10 +67,11 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     info = connect(cfg)
     log.info("ray: %s (dashboard %s)", info.address, info.dashboard_url or "off")
     check_resources(cfg)
+    out = rundir.prepare(cfg)
     roles = build_roles(cfg)
     stream = PromptStream(work.train, cfg.algo.prompts_per_step, seed=cfg.data.seed)
     state = _resume(cfg, roles, out, stream)
-    logger = MetricsLogger(out, cfg.run.steps, progress=cfg.run.progress)
+    logger = MetricsLogger(out, cfg.run.steps, progress=cfg.run.progress, resumed_step=state.step)
     k = cfg.run.eval_group_size
 
     def run_eval(step: int) -> dict[str, float]:
