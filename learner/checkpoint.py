@@ -9,8 +9,10 @@ Layout under a run's checkpoint root (a filesystem every rank sees, as DeepSpeed
     .tmp-step_00000012/       a save in progress (ignored, removed by the next save)
 A save writes into the temp dir, then one rename publishes it. A checkpoint whose COMPLETE marker
 is missing or whose files do not match their recorded sizes (truncated copy, full disk) is
-ignored in favour of the previous complete one. We never torch.load ourselves; DeepSpeed loads
-its own files.
+ignored in favour of the previous complete one. Loading never unpickles code: DeepSpeed's own
+loader calls `torch.load(weights_only=False)`; we swap in `torch.load(weights_only=True)` with the
+two DeepSpeed classes its files hold allowlisted, so a tampered checkpoint fails to load instead of
+running code.
 """
 from __future__ import annotations
 
@@ -139,13 +141,31 @@ def save_engine(engine: Any, root: str | os.PathLike, step: int, meta: dict[str,
     return final
 
 
+def weights_only_load(path: str, map_location: Any = None) -> Any:
+    """`torch.load(weights_only=True)` of a DeepSpeed checkpoint file: tensors, plain containers and
+    the two DeepSpeed classes its optimizer states hold (a stage enum and the loss-scaler record)."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_engine(engine: Any, d: str | os.PathLike) -> dict[str, Any]:
     """Collective: restore model, optimizer and LR-scheduler states; -> our meta."""
     d = Path(d)
     if not is_complete(d):
         raise FileNotFoundError(f"checkpoint {d} is incomplete or truncated — pass a complete one "
                                 f"(latest_checkpoint(root) picks the newest complete)")
-    path, _ = engine.load_checkpoint(str(d), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    loader = getattr(engine, "checkpoint_engine", None)
+    if loader is not None:
+        loader.load = weights_only_load  # instance attribute: shadows DeepSpeed's weights_only=False load
+    try:
+        path, _ = engine.load_checkpoint(str(d), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        if loader is not None:
+            del loader.load
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {d}/{TAG}")
     return read_meta(d)
