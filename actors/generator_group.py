@@ -5,12 +5,14 @@ gathers the results.
   with a clear line if the cluster cannot hold it (never pending forever).
 - Sharding: whole prompt groups go to one actor (thresholds and advantages are group-relative).
 - Faults: an actor that dies mid-rollout is restarted by Ray (`max_restarts`); the group reloads
-  the current weights into it and regenerates exactly the lost shard, so every prompt is
-  generated once and only once per step.
+  the current weights and the pooled threshold history into it and regenerates exactly the lost
+  shard with the same seed, so every prompt is generated once and only once per step, and the
+  regenerated shard is the one the dead actor would have returned.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional, Sequence
 
 import ray
@@ -55,6 +57,7 @@ class GeneratorGroup:
             for i in range(r.num_generators)
         ]
         self._weights: tuple[Any, int] | None = None
+        self._history: dict = {}  # the pooled threshold history every actor holds (after merge/set)
         self.recovered_shards = 0
 
     def load_weights(self, weights_ref: Any, version: int) -> None:
@@ -83,14 +86,30 @@ class GeneratorGroup:
                         raise
                     log.warning("generator %d died mid-rollout (%s); regenerating its shard", i, type(e).__name__)
                     self.recovered_shards += 1
+                    self._revive(i)
                     traj_ref, stats_ref = self._submit(i, shards[i], problems, prompts, group_ids, group_size, heal,
-                                                       seed, reload=True)
+                                                       seed)
         return refs, merge_stats(stats) | {"gen/recovered_shards": float(self.recovered_shards)}
 
-    def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, seed, reload: bool = False):
+    def _revive(self, i: int, timeout_s: float = 300.0) -> None:
+        """Wait until Ray has restarted actor i (calls fail with ActorUnavailableError meanwhile), then
+        give it the current weights and pooled threshold history: the state the dead one had."""
+        a, deadline = self.actors[i], time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(a.policy_version.remote())
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if self._weights is not None:
+            ray.get(a.load_weights.remote(*self._weights))
+        if self._history:
+            ray.get(a.set_history.remote(UncertaintyHistory(**self._history)))
+
+    def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, seed):
         a = self.actors[i]
-        if reload and self._weights is not None:
-            ray.get(a.load_weights.remote(*self._weights))  # waits for the restart, then reloads
         return a.generate.remote([prompts[j] for j in s], [group_ids[j] for j in s], [problems[j].uid for j in s],
                                  [problems[j] for j in s], group_size, heal,
                                  None if seed is None else seed * 1009 + i)
@@ -100,11 +119,20 @@ class GeneratorGroup:
         hs = ray.get([a.get_history.remote() for a in self.actors])
         merged = UncertaintyHistory.merge(hs)
         ray.get([a.set_history.remote(merged) for a in self.actors])
-        return {"mean": merged.mean, "var": merged.var, "count": merged.count, "decay": merged.decay}
+        self._history = {"mean": merged.mean, "var": merged.var, "count": merged.count, "decay": merged.decay}
+        return dict(self._history)
 
     def set_history(self, h: dict) -> None:
         if h:
+            self._history = dict(h)
             ray.get([a.set_history.remote(UncertaintyHistory(**h)) for a in self.actors])
+
+    def histories(self) -> list:
+        """Each actor's threshold history (to put back after an evaluation: see `restore_histories`)."""
+        return ray.get([a.get_history.remote() for a in self.actors])
+
+    def restore_histories(self, hs: list) -> None:
+        ray.get([a.set_history.remote(h) for a, h in zip(self.actors, hs)])
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

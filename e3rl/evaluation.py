@@ -26,7 +26,19 @@ def default_ks(k: int) -> list[int]:
 
 
 def evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed: int = 0) -> dict[str, Any]:
-    """-> {"<set>": {"avg@k": .., "pass@1": .., ..., "rewinds_per_sample": ..}, ...}."""
+    """-> {"<set>": {"avg@k": .., "pass@1": .., ..., "rewinds_per_sample": ..}, ...}.
+
+    Held-out problems never leak into training: the generators' threshold histories (which
+    healing updates with every kept segment) are put back as they were before the evaluation.
+    """
+    saved = generators.histories()
+    try:
+        return _evaluate(generators, sets, k, heal, seed)
+    finally:
+        generators.restore_histories(saved)
+
+
+def _evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for es in sets:
         if not es.problems:

@@ -88,7 +88,7 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
                                                   "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
         if eval_every and state.step % eval_every == 0 and state.step < steps:
             metrics |= hooks.evaluate(state.step)
+        hooks.log(state.step, metrics)  # then the checkpoint: a crash between them redoes and re-logs the step
         if save_every and state.step % save_every == 0:
             hooks.checkpoint()
-        hooks.log(state.step, metrics)
     return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,11 +32,33 @@ def _ray_name(name: str) -> str:
     return "e3rl_" + name.replace("/", "_")
 
 
+def drop_rows_after(path: Path, step: int) -> int:
+    """Keep the rows of steps <= `step` (atomic rewrite). A resumed run redoes the steps after its
+    checkpoint, so their rows from the lost session go: every step is logged exactly once.
+    -> rows dropped."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line torn by a kill mid-write
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsLogger:
-    def __init__(self, out_dir: Path, steps: int, progress: bool = True, use_ray: bool = True):
+    def __init__(self, out_dir: Path, steps: int, progress: bool = True, use_ray: bool = True,
+                 resumed_step: int = 0):
         self.out_dir = Path(out_dir)
         self.steps = steps
         self.progress = progress
+        drop_rows_after(self.out_dir / "metrics.jsonl", resumed_step)
         self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
         self._tb = self._tensorboard()
         self._gauges = self._ray_gauges() if use_ray else {}
