@@ -28,12 +28,12 @@ def segment_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
             if math.isfinite(tau):
                 taus.append(tau)
 
-    def mean(xs: list) -> float:
-        return sum(xs) / len(xs) if xs else 0.0
-
-    return {"e3rl/segments_kept": float(len(kept)), "e3rl/segments_erased": float(len(erased)),
-            "e3rl/segments_judged": float(len(taus)), "e3rl/u_kept_mean": mean(kept),
-            "e3rl/u_erased_mean": mean(erased), "e3rl/threshold_mean": mean(taus)}
+    out = {"e3rl/segments_kept": float(len(kept)), "e3rl/segments_erased": float(len(erased)),
+           "e3rl/segments_judged": float(len(taus))}
+    for key, xs in (("e3rl/u_kept_mean", kept), ("e3rl/u_erased_mean", erased), ("e3rl/threshold_mean", taus)):
+        if xs:  # a mean over nothing is left out, not written as 0
+            out[key] = sum(xs) / len(xs)
+    return out
 
 
 def rollout_stats(trajs: Sequence[Trajectory], seconds: float, peak_kv_bytes: int = 0) -> dict[str, float]:

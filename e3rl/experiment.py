@@ -200,7 +200,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path:
         ax.set(title=title, xlabel="training samples", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("mean over seeds, band = min..max")
+    fig.suptitle("mean over seeds; shaded band = min..max over seeds", y=1.03)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -43,8 +43,15 @@ def png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+# a mean is only plotted where its count is > 0 (older runs wrote 0 for a mean over nothing)
+_COUNT_OF = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
+             "e3rl/threshold_mean": "e3rl/segments_judged"}
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+    count = _COUNT_OF.get(key)
+    pts = [(r["step"], r[key]) for r in rows
+           if key in r and math.isfinite(r[key]) and (count is None or r.get(count, 1) > 0)]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 

@@ -60,6 +60,16 @@ def test_segment_stats_by_hand_and_weighted_merge():
     assert m["gen/tokens_per_s"] == pytest.approx(40 / 2.0)
 
 
+def test_means_over_no_segments_are_left_out_not_zero():
+    t = _traj()
+    t.segments.erased[:] = False
+    t.segments.threshold[:] = float("inf")
+    s = segment_stats([t])
+    assert s["e3rl/segments_erased"] == 0 and "e3rl/u_erased_mean" not in s and "e3rl/threshold_mean" not in s
+    m = merge_stats([rollout_stats([t], 1.0), rollout_stats([_traj()], 1.0)])
+    assert m["e3rl/u_erased_mean"] == pytest.approx(8.5) and m["e3rl/threshold_mean"] == pytest.approx(3.25)
+
+
 def test_trace_files_round_trip(tmp_path):
     trajs = [_traj(0.5), _traj(1.0)]
     write_trace(tmp_path, 3, trajs)
