@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config problem, always phrased as `<field>: <what is wrong> — <how to fix it>`."""
 
 
+class RunHalted(RuntimeError):
+    """A run that cannot usefully go on (e.g. every step non-finite); phrased like ConfigError."""
+
+
 def _check(ok: bool, name: str, problem: str, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {problem} — {fix}")
@@ -239,7 +243,7 @@ class ResourcesConfig:
     """Torch intra-op threads per actor (0 = all cores of its node: the loop's phases do not
     overlap, so each phase may use the whole machine; Ray would otherwise set 1 per CPU reserved)."""
     connect_timeout_s: float = 20.0
-    """Fail if the Ray address does not answer within this time."""
+    """Fail if the Ray address does not answer, or answers but is not Ray, within this time."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,8 @@ class FaultConfig:
     """Testing: a generator actor exits after this many batches (-1 = never)."""
     generator_die_prob: float = 0.0
     """Testing: probability that a generator actor exits at a batch."""
+    nan_loss_after: int = -1
+    """Testing: the learner's loss is NaN from its optimizer step with this index on (-1 = never)."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,9 @@ class RunConfig:
     """Trajectory batches the replay buffer holds before producers wait."""
     max_staleness: int = 0
     """Max policy-version lag of a trained batch (0 = on-policy)."""
+    max_skipped_steps: int = 3
+    """Stop the run (exit code 3) after this many consecutive steps skipped for a non-finite loss
+    or gradient (0 = never stop). A single skipped step leaves the weights untouched and is counted."""
     progress: bool = True
     """Console progress bar."""
     trace_every: int = 1
@@ -397,6 +406,7 @@ def _validate(c: Config) -> None:
     _check(run.keep_last >= 1, "run.keep_last", "must be >= 1", "e.g. 2")
     _check(run.buffer_capacity >= 1, "run.buffer_capacity", "must be >= 1", "e.g. 4")
     _check(run.max_staleness >= 0, "run.max_staleness", "must be >= 0", "0 = on-policy")
+    _check(run.max_skipped_steps >= 0, "run.max_skipped_steps", "must be >= 0", "0 = never stop, e.g. 3")
     _check(run.eval_group_size >= 1, "run.eval_group_size", "must be >= 1", "e.g. 4")
     _check(run.trace_every >= 0 and run.trace_samples >= 0, "run.trace_every", "must be >= 0", "0 turns traces off")
     _check(0 <= run.fault.generator_die_prob <= 1, "run.fault.generator_die_prob", "must be in [0, 1]", "0 = off")

@@ -2,7 +2,8 @@
 
 Embedded (no cluster): starts a local Ray sized to this machine. On a cluster:
 `ray job submit --address http://HEAD:8265 --working-dir . -- python -m e3rl.run CONFIG.yaml`
-(or set `resources.address` / `RAY_ADDRESS`). Bad input stops it with one line and exit code 2.
+(or set `resources.address` / `RAY_ADDRESS`). Bad input stops it with one line and exit code 2;
+a run halted by repeated non-finite steps (`run.max_skipped_steps`) with one line and exit code 3.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e3rl.config import ConfigError, load_config
+from e3rl.config import ConfigError, RunHalted, load_config
 
 log = logging.getLogger("e3rl")
 
@@ -42,17 +43,34 @@ class StopFlag:
         self.stop = True
 
 
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _quiet_ray(was_up: bool) -> None:
+    """Disconnect the Ray this run connected before the error line, so actor logs that Ray forwards
+    late cannot follow it (a Ray the caller had started is left alone)."""
+    if _ray_up() and not was_up:
+        sys.modules["ray"].shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ray_was_up = _ray_up()
     try:
         cfg = load_config(path, overrides)
         from e3rl.session import run_session
 
         summary = run_session(cfg, StopFlag())
     except ConfigError as e:
+        _quiet_ray(ray_was_up)
         print(f"e3rl: error: {e}", file=sys.stderr)
         return 2
+    except RunHalted as e:
+        _quiet_ray(ray_was_up)
+        print(f"e3rl: error: {e}", file=sys.stderr)
+        return 3
     print(f"e3rl: done — summary in {Path(cfg.run.output_dir) / 'summary.json'}: "
           f"reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}, "
           f"held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}, "

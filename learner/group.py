@@ -18,7 +18,7 @@ import torch
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from e3rl.config import Config
+from e3rl.config import Config, RunHalted
 from e3rl.placement import reserve_bundles
 from e3rl.core.trajectory import Trajectory
 from learner import checkpoint as ckpt
@@ -59,6 +59,7 @@ class LearnerGroup:
         from learner.actor import LearnerActor
 
         self.cfg = cfg
+        self.skipped_in_a_row = 0
         n, b = cfg.learner.num_workers, bundle(cfg)
         self.pg = reserve(cfg, placement_timeout_s)
         env = default_runtime_env(cfg, extra_env)
@@ -93,7 +94,19 @@ class LearnerGroup:
         out: dict[str, float] = {}
         for _ in range(self.cfg.algo.updates_per_batch):
             out = self._all("train_step", ref)[0]
+            self._count_skip(out)
         return out
+
+    def _count_skip(self, m: dict[str, float]) -> None:
+        """A skipped step left the weights untouched; `run.max_skipped_steps` in a row stop the run."""
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if m["learner/skipped"] else 0
+        limit = self.cfg.run.max_skipped_steps
+        if limit and self.skipped_in_a_row >= limit:
+            what = "loss=nan" if m["learner/nonfinite_loss"] else f"grad norm {m['learner/grad_norm']:g}"
+            raise RunHalted(
+                f"learner: {self.skipped_in_a_row} consecutive optimizer steps skipped as non-finite ({what}); "
+                f"weights are those of policy version {int(m['learner/version'])} — lower learner.lr, "
+                "check the reward and data, or raise run.max_skipped_steps")
 
     def publish_weights(self) -> WeightHandle:
         """Gather on rank 0, one ray.put; generators `ray.get(handle.ref)` (see learner.weights)."""

@@ -210,6 +210,8 @@ class LearnerWorker:
             with torch.no_grad():
                 ref_logp = stream_logprobs(policy_forward(self.ref_engine, batch), batch, T)
         loss, m = LOSSES[self.cfg.algo.loss](LossInputs(logp, batch.old_logp, adv, batch.mask, ref_logp), settings)
+        if 0 <= self.cfg.run.fault.nan_loss_after <= self.version + self.skipped_steps:
+            loss = loss * float("nan")  # fault injection (tests): this and every later optimizer step
         finite = bool(torch.isfinite(loss))
         t1 = time.perf_counter()
         # Non-finite: NaN gradients make every rank's global norm NaN, so ZeRO-3 skips the step.
