@@ -71,19 +71,25 @@ def _complete_steps(out: Path) -> list[int]:
     return [int(d.name.split("_")[1]) for d in ckpt.complete_checkpoints(out / "checkpoints")]
 
 
-def _descendants(pid: int) -> list[int]:
+def _family(pid: int) -> list:
+    """The process and all its descendants (psutil handles: a reused pid is not mistaken for them)."""
     import psutil
 
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
 
 
-def _alive(pids: list[int]) -> list[int]:
+def _alive(family: list) -> list[int]:
     import psutil
 
-    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    alive = []
+    for p in family:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def _tear_newer_checkpoint(root: Path) -> tuple[int, int]:
@@ -124,7 +130,7 @@ def runs(tmp_path_factory):
     s2, log2 = start_run(out, *COMMON, log_name="session2")
     first = max(info["sigterm_checkpoints"])
     _wait(s2, "a checkpoint after the resume", lambda: max(_complete_steps(out), default=0) > first, log2)
-    family = [s2.pid, *_descendants(s2.pid)]
+    family = _family(s2.pid)
     s2.kill()
     info["kill_rc"], info["kill_log"] = s2.wait(), log2
     info["killed_after"] = _complete_steps(out)
