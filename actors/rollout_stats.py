@@ -8,8 +8,8 @@ from typing import Sequence
 
 from e3rl.core.trajectory import Trajectory
 
-# means weighted by a count other than samples when shards are merged
-_WEIGHTED_BY = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
+# segment means and the count each is taken over (merged weighted by it; plotted only where it is > 0)
+MEAN_COUNTS = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
                 "e3rl/threshold_mean": "e3rl/segments_judged"}
 _SUMMED = ("gen/samples", "gen/tokens_produced", "gen/tokens_kept", "gen/forward_tokens", "e3rl/compactions",
            "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged")
@@ -69,8 +69,8 @@ def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
             out[key] = max(p.get(key, 0.0) for p in parts)
         elif key.startswith(_SUMMED):
             out[key] = sum(p.get(key, 0.0) for p in parts)
-        elif key in _WEIGHTED_BY:
-            w = [p.get(_WEIGHTED_BY[key], 0.0) for p in parts]
+        elif key in MEAN_COUNTS:
+            w = [p.get(MEAN_COUNTS[key], 0.0) for p in parts]
             out[key] = sum(p.get(key, 0.0) * x for p, x in zip(parts, w)) / (sum(w) or 1.0)
         else:
             out[key] = sum(p.get(key, 0.0) * p.get("gen/samples", 0.0) for p in parts) / total

@@ -315,6 +315,11 @@ class Config:
         return self.algo.e3rl and self.heal.enabled
 
     @property
+    def eval_heal_active(self) -> bool:
+        """Self-healing while evaluating: as in training unless `run.eval_heal` says heal / plain."""
+        return self.heal_active if self.run.eval_heal == "auto" else self.run.eval_heal == "heal"
+
+    @property
     def allocation(self) -> str:
         return self.algo.allocation if self.algo.e3rl else "uniform"
 

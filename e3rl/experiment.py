@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from e3rl.config import ConfigError, load_config
+from e3rl.metrics import read_metrics
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "grpo": ("GRPO (no healing)", ["algo.e3rl=false"]),
@@ -100,15 +101,13 @@ def run_as_jobs(specs: list[RunSpec], config: Optional[str], address: str, poll_
 # ------------------------------------------------------------------ reading results (pure)
 def run_curves(run_dir: Path) -> dict:
     """Per-run series keyed by cumulative training samples (the equal-budget axis)."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [r for r in rows if "gen/reward_mean" in r]
+    steps, evals = read_metrics(run_dir)
     per_step = steps[0]["gen/samples"] if steps else 0.0
     samples_at = {0: 0.0}
     total = 0.0
     for r in steps:
         total += r["gen/samples"]
         samples_at[r["step"]] = total
-    evals = [r for r in rows if "eval/accuracy" in r]
     return {
         "samples_per_step": per_step,
         "reward": [(samples_at[r["step"]], r["gen/reward_mean"]) for r in steps],

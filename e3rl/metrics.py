@@ -52,6 +52,12 @@ def drop_rows_after(path: Path, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training-step rows, evaluation rows) of a run's metrics.jsonl, in file order."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if "gen/reward_mean" in r], [r for r in rows if "eval/accuracy" in r]
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, steps: int, progress: bool = True, use_ray: bool = True,
                  resumed_step: int = 0):

@@ -213,19 +213,16 @@ def check_model(m: ModelConfig) -> None:
 def load_model(m: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None,
                seed: int = 0) -> torch.nn.Module:
     """The policy as a HF causal LM on `device`/`dtype` (both resolved from config if None), eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(m.device)
     dtype = dtype or resolve_dtype(m.dtype, device)
     if m.path == "random":
         model = build_random_model(m, seed)
     else:
+        check_model(m)  # the driver's checks: exists, readable config, causal LM, no unasked remote code
         d = _model_dir(m.path)
         kw: dict = {"gguf_file": m.gguf_file} if m.gguf_file else {}
-        config = AutoConfig.from_pretrained(d, trust_remote_code=m.trust_remote_code, **kw)
-        problem = _causal_lm_problem(config)
-        if problem:
-            raise ConfigError(f"model.path: {m.path!r} is {problem}, not a causal LM — use a *ForCausalLM checkpoint")
         model = AutoModelForCausalLM.from_pretrained(
             d, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **kw
         )

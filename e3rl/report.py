@@ -23,17 +23,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from actors.rollout_stats import MEAN_COUNTS  # noqa: E402
 from e3rl.core.trajectory import Trajectory  # noqa: E402
+from e3rl.metrics import read_metrics  # noqa: E402
 from e3rl.traces import read_traces  # noqa: E402
 
 PHASES = ("data", "generate", "buffer", "train", "sync")
 SURPRISAL_CAP = 8.0  # nats at which a token's colour saturates
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training step rows, evaluation rows) from metrics.jsonl."""
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r for r in rows if "gen/reward_mean" in r], [r for r in rows if "eval/accuracy" in r]
 
 
 def png(fig: Any) -> str:
@@ -43,13 +39,8 @@ def png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-# a mean is only plotted where its count is > 0 (older runs wrote 0 for a mean over nothing)
-_COUNT_OF = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
-             "e3rl/threshold_mean": "e3rl/segments_judged"}
-
-
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    count = _COUNT_OF.get(key)
+    count = MEAN_COUNTS.get(key)  # a mean is plotted only where its count is > 0 (older runs wrote 0)
     pts = [(r["step"], r[key]) for r in rows
            if key in r and math.isfinite(r[key]) and (count is None or r.get(count, 1) > 0)]
     return [p[0] for p in pts], [p[1] for p in pts]

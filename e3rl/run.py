@@ -63,14 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from e3rl.session import run_session
 
         summary = run_session(cfg, StopFlag())
-    except ConfigError as e:
+    except (ConfigError, RunHalted) as e:  # bad input: exit 2; a halted run: exit 3
         _quiet_ray(ray_was_up)
         print(f"e3rl: error: {e}", file=sys.stderr)
-        return 2
-    except RunHalted as e:
-        _quiet_ray(ray_was_up)
-        print(f"e3rl: error: {e}", file=sys.stderr)
-        return 3
+        return 2 if isinstance(e, ConfigError) else 3
     print(f"e3rl: done — summary in {Path(cfg.run.output_dir) / 'summary.json'}: "
           f"reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}, "
           f"held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}, "

@@ -16,7 +16,7 @@ from e3rl.core.passk import flatten
 from e3rl.data import encode_prompts, load_workload
 from e3rl.evaluation import EvalSet, evaluate, headline
 from e3rl.loop import Hooks, LoopState, Roles, train
-from e3rl.metrics import MetricsLogger
+from e3rl.metrics import MetricsLogger, read_metrics
 from e3rl.models import check_model, load_tokenizer, materialize_builtin
 from e3rl.prompts import PromptStream
 from e3rl.rewards import check_reward_fn
@@ -75,8 +75,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     k = cfg.run.eval_group_size
 
     def run_eval(step: int) -> dict[str, float]:
-        heal = cfg.heal_active if cfg.run.eval_heal == "auto" else cfg.run.eval_heal == "heal"
-        res = evaluate(roles.generators, eval_sets, k, heal=heal, seed=cfg.run.seed + 7)
+        res = evaluate(roles.generators, eval_sets, k, heal=cfg.eval_heal_active, seed=cfg.run.seed + 7)
         return flatten(res) | {"eval/accuracy": headline(res, k)}
 
     def next_batch(step: int) -> tuple[list, list, list]:
@@ -118,10 +117,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
 
 def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step: int, state: LoopState,
                   wall_s: float) -> dict[str, Any]:
-    import json
-
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in rows if "gen/reward_mean" in r]
+    steps, _ = read_metrics(out)
     phases: dict[str, float] = {}
     for r in steps:
         for key, v in r.items():
