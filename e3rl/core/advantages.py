@@ -1,9 +1,10 @@
 """Segment-level advantages: a group-relative outcome advantage per trajectory, allocated to its
 segments, with erased segments credited on their own.
 
-1. Outcome advantage per sample i of a group (rewards r [G]):
+1. Outcome advantage per sample i of a group (rewards r [G]), computed in float64:
      GRPO:    A_i = (r_i - mean(r)) / (std(r) + eps)
      Dr.GRPO: A_i =  r_i - mean(r)
+   A group whose rewards are all equal gets exactly A_i = 0 (no rounding residue).
 2. Allocation over the K kept segment positions: weights w [K] with mean 1, so uniform weights
    give every token A_i (plain GRPO). Allocators:
      uniform:     w_n = 1
@@ -27,16 +28,25 @@ from typing import Callable, Optional
 import torch
 
 
+def _zero_constant_groups(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """A group whose rewards are all equal carries no signal: its advantage is exactly 0. The mean of
+    equal floats can miss them by an ulp (8 x 2/3), and that residue divided by a ~1e-8 std is not 0.
+    r, a: [N, G] -> [N, G] float32."""
+    constant = (r == r[..., :1]).all(-1, keepdim=True)  # [N, 1]
+    return torch.where(constant, torch.zeros_like(a), a).float()
+
+
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[N, G] -> [N, G]: standardised within each group (population std, as in the GRPO paper's code)."""
-    r = rewards.float()
-    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, unbiased=False, keepdim=True) + eps)
+    r = rewards.double()
+    a = (r - r.mean(-1, keepdim=True)) / (r.std(-1, unbiased=False, keepdim=True) + eps)
+    return _zero_constant_groups(r, a)
 
 
 def drgrpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[N, G] -> [N, G]: centred only (Dr.GRPO removes the std that biases toward easy/hard groups)."""
-    r = rewards.float()
-    return r - r.mean(-1, keepdim=True)
+    r = rewards.double()
+    return _zero_constant_groups(r, r - r.mean(-1, keepdim=True))
 
 
 ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -59,3 +59,28 @@ def test_erased_credit_modes():
 
 def test_token_advantages_expand():
     assert token_advantages(torch.tensor([0.1, 0.2]), torch.tensor([0, 0, 1])).tolist() == pytest.approx([0.1, 0.1, 0.2])
+
+
+@pytest.mark.parametrize("estimator", [grpo_advantages, drgrpo_advantages])
+@pytest.mark.parametrize("value", [2 / 3, 0.1, 0.3, 0.7, 1 / 7, 0.0, 1.0, -0.45])
+@pytest.mark.parametrize("size", [2, 7, 8, 16, 64])
+def test_constant_group_gets_exactly_zero_advantage(estimator, value, size):
+    # float32 mean of 8 x 2/3 misses 2/3 by an ulp; divided by a ~1e-8 std that gave A = 0.056
+    for dtype in (torch.float32, torch.float64):
+        r = torch.full((3, size), value, dtype=dtype)
+        r[1] = torch.arange(size, dtype=dtype) % 2  # an ordinary group in the same batch
+        a = estimator(r)
+        assert a.dtype == torch.float32
+        assert (a[0] == 0).all() and (a[2] == 0).all()
+        assert (a[1] != 0).all()
+
+
+def test_ordinary_groups_unchanged():
+    torch.manual_seed(0)
+    r = torch.rand(5, 8)
+    r32 = r.float()
+    old_grpo = (r32 - r32.mean(-1, keepdim=True)) / (r32.std(-1, unbiased=False, keepdim=True) + 1e-6)
+    assert torch.allclose(grpo_advantages(r), old_grpo, atol=1e-5)
+    assert torch.allclose(drgrpo_advantages(r), r32 - r32.mean(-1, keepdim=True), atol=1e-6)
+    a = grpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # mean 1/4, std sqrt(3)/4
+    assert a[0].tolist() == pytest.approx([3 ** 0.5, -(3 ** -0.5), -(3 ** -0.5), -(3 ** -0.5)], rel=1e-5)

@@ -72,3 +72,16 @@ def test_stream_cut_after_a_rewind_and_bad_positions():
     bad = build_trajectory(_tok(2), [(0, _tok(3), False), (2, _tok(2), False)], [0.1, 0.2])
     with pytest.raises(ValueError, match="not 0..K-1"):
         trajectory_token_advantages(bad, 1.0, AdvantageSpec())
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo"])
+@pytest.mark.parametrize("allocation", ["uniform", "attention", "uncertainty"])
+@pytest.mark.parametrize("credit", ["contrast", "zero", "same"])
+def test_constant_group_keeps_exact_zero_through_allocation(estimator, allocation, credit):
+    trajs = [_traj(2 / 3, group=0) for _ in range(8)] + [_traj(float(i % 2), group=1) for i in range(4)]
+    out = outcome_advantages(trajs, estimator)
+    assert (out[:8] == 0).all() and (out[8:] != 0).all()
+    attn = torch.full((2, trajs[0].stream_ids.numel()), 0.1)
+    spec = AdvantageSpec(estimator=estimator, allocation=allocation, erased_credit=credit)
+    for adv in batch_token_advantages(trajs[:8], out[:8], spec, [attn] * 8):
+        assert (adv == 0).all()
