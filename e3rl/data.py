@@ -30,6 +30,25 @@ def _looks_local(spec: str) -> bool:
 
 
 def load_source(spec: str, size: int, seed: int, cfg: Config, tokenizer: Any, field: str) -> tuple[list[Problem], LoadStats]:
+    """Problems of one `data.train` / `data.eval` entry; a ConfigError when none is usable."""
+    problems, stats = _load_source(spec, size, seed, cfg, tokenizer, field)
+    if not problems:
+        raise ConfigError(f"{field}: {spec!r} {_why_no_rows(stats)}")
+    return problems, stats
+
+
+def _why_no_rows(s: LoadStats) -> str:
+    """What emptied a source, and the fix (`<problem> — <fix>`)."""
+    if s.total == 0:
+        return "holds no rows — give a file with at least one problem"
+    if s.skipped_no_answer == s.total:
+        return f"has no row with both a question and an answer ({s.total} rows) — fill in the answer column"
+    return (f"keeps no row: {s.skipped_filtered} of {s.total} filtered out by difficulty or prompt length"
+            f"{f', {s.skipped_no_answer} without an answer' if s.skipped_no_answer else ''} — widen "
+            "data.difficulty_min/difficulty_max or raise data.max_prompt_tokens")
+
+
+def _load_source(spec: str, size: int, seed: int, cfg: Config, tokenizer: Any, field: str) -> tuple[list[Problem], LoadStats]:
     d = cfg.data
     if spec.startswith("gym:"):
         if size <= 0:

@@ -67,8 +67,25 @@ def _is_local(path_or_name: str) -> bool:
             or Path(p).suffix.lower() in _BUILDERS)
 
 
+def _holds_no_rows(f: Path) -> bool:
+    """A parquet file of zero rows or a json/jsonl file of only whitespace (`datasets` cannot load
+    either: StopIteration / DatasetGenerationError). Unreadable files are left to `datasets`."""
+    try:
+        if f.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(f).num_rows == 0
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 16):
+                if chunk.strip():
+                    return False
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _open(path_or_name: str, split: str, cache_dir: str | None) -> tuple[Any, str, str]:
-    """(dataset, where-for-errors, default source name)."""
+    """(dataset, where-for-errors, default source name); dataset None when local files hold no rows."""
     from datasets import load_dataset
 
     if not _is_local(path_or_name):
@@ -82,6 +99,9 @@ def _open(path_or_name: str, split: str, cache_dir: str | None) -> tuple[Any, st
     builders = {_BUILDERS.get(f.suffix.lower()) for f in files}
     if not files or None in builders or len(builders) != 1:
         raise ValueError(f"{path}: expected .parquet, .json or .jsonl files of one kind")
+    files = [f for f in files if not _holds_no_rows(f)]
+    if not files:
+        return None, str(path), path.stem
     # Local files always land in the "train" split of the json/parquet builders.
     ds = load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train",
                       cache_dir=cache_dir)
@@ -107,9 +127,11 @@ def load_math(path_or_name: str, *, format: str | None = None, split: str = "tra
     keeps rows with lo <= difficulty <= hi (the `difficulty` column, or MATH500's `level`);
     `max_prompt_len` keeps questions of at most that many tokens (chars if no tokenizer);
     `n` keeps a seeded random subset of that size (file order preserved). `split` applies to hub
-    datasets only (local files load as one split).
+    datasets only (local files load as one split). Local files without rows give no problems.
     """
     ds, where, default_source = _open(path_or_name, split, cache_dir)
+    if ds is None:
+        return [], LoadStats(total=0, kept=0, skipped_no_answer=0, skipped_filtered=0)
     fmt = format or detect_format(ds.column_names, where)
     if fmt not in FORMATS:
         raise ValueError(f"{where}: unknown format {fmt!r}; choose one of {sorted(FORMATS)}")

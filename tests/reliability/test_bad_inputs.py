@@ -44,6 +44,14 @@ CASES = {
                                   ["cannot detect the format", "['label', 'text']"]),
     "dataset_without_needed_columns": ("main", TINY, ["data.train=<no_columns>", "data.train_size=0",
                                                       "data.format=aime"], "data.train", ["missing columns"]),
+    "empty_train_jsonl": ("sub", TINY, ["data.train=<empty_jsonl>", "data.train_size=0"], "data.train",
+                          ["holds no rows", "at least one problem"]),
+    "empty_train_parquet": ("sub", TINY, ["data.train=<empty_parquet>", "data.train_size=0"], "data.train",
+                            ["holds no rows"]),
+    "train_rows_all_filtered_out": ("sub", TINY, ["data.train=<aime_rows>", "data.train_size=0",
+                                                  "data.max_prompt_tokens=1"], "data.train",
+                                    ["3 of 3 filtered out", "data.max_prompt_tokens"]),
+    "blank_eval_jsonl": ("sub", TINY, ["data.eval=[<blank_jsonl>]"], "data.eval", ["holds no rows"]),
     "missing_reward_fn": ("main", TINY, ["reward.fn=no_such_module:score"], "reward.fn", ["no module named"]),
     "unreachable_ray_address": ("sub", TINY, ["resources.address=127.0.0.1:9", "resources.connect_timeout_s=2"],
                                 "resources.address", ["did not answer within 2s"]),
@@ -59,7 +67,10 @@ CASES = {
 
 def _fixtures(base: Path) -> dict[str, str]:
     """Bad files on disk: YAML with a syntax error, a BertModel dir, a T5 (encoder-decoder) config,
-    a jsonl whose rows lack question/answer columns, and another run's output dir."""
+    a jsonl whose rows lack question/answer columns, jsonl/parquet files without rows, three
+    AIME-format rows, and another run's output dir."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
     from transformers import BertConfig, BertModel, T5Config
 
@@ -72,11 +83,19 @@ def _fixtures(base: Path) -> dict[str, str]:
                          intermediate_size=32)).save_pretrained(base / "bert")
     T5Config(vocab_size=99, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(base / "t5")
     (base / "no_columns.jsonl").write_text("".join(json.dumps({"text": f"row {i}", "label": i}) + "\n" for i in range(4)))
+    (base / "empty.jsonl").write_text("")
+    (base / "blank_lines.jsonl").write_text("\n \n")
+    pq.write_table(pa.table({"problem": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+                   base / "empty.parquet")
+    (base / "aime_rows.jsonl").write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)})
+                                                  + "\n" for i in range(3)))
     prepare(load_config(REPO / TINY, [f"run.output_dir={base / 'other_run'}"]))  # another run's dir
     (base / "other_run" / "metrics.jsonl").write_text('{"step": 1}\n')
     return {"<bad_yaml>": str(base / "bad.yaml"), "<missing_yaml>": str(base / "nope.yaml"),
             "<missing>": str(base / "missing"), "<missing_parent>": str(base), "<bert>": str(base / "bert"), "<t5>": str(base / "t5"),
-            "<no_columns>": str(base / "no_columns.jsonl")}
+            "<no_columns>": str(base / "no_columns.jsonl"), "<empty_jsonl>": str(base / "empty.jsonl"),
+            "<blank_jsonl>": str(base / "blank_lines.jsonl"), "<empty_parquet>": str(base / "empty.parquet"),
+            "<aime_rows>": str(base / "aime_rows.jsonl")}
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
@@ -132,12 +151,20 @@ def http_port():
     server.shutdown()
 
 
+def _selected_cases(request) -> set[str]:
+    """Cases of this module's tests selected in the session, so `-k` runs only those."""
+    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
+              if getattr(item, "module", None) is request.module]
+    return {p["case"] for p in params if "case" in p}
+
+
 @pytest.fixture(scope="module")
-def answers(tmp_path_factory, http_port):
+def answers(request, tmp_path_factory, http_port):
     base = tmp_path_factory.mktemp("bad_inputs")
     subs = _fixtures(base) | {"<http_port>": str(http_port)}
     other_before = _snapshot(base / "other_run")
-    argvs = {case: _argv(case, base, subs) for case in CASES}
+    selected = _selected_cases(request)
+    argvs = {case: _argv(case, base, subs) for case in CASES if case in selected}
     with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
         futures = {case: pool.submit(_subprocess, argv) for case, (argv, _) in argvs.items() if CASES[case][0] == "sub"}
         results = {case: _in_process(argv) for case, (argv, _) in argvs.items() if CASES[case][0] == "main"}
