@@ -6,7 +6,7 @@ Rows share one transformers `DynamicCache` with L physical columns. Each row own
 - its next logical position (`pos[b]`) = number of visible columns: keys are stored post-RoPE
   at their logical positions, so a row that rewinds simply continues from the segment start.
 
-Measured facts this relies on (docs in NOTES.md): the 2D mask must have exactly `L + q` columns
+Measured facts this relies on: the 2D mask must have exactly `L + q` columns
 and explicit per-row `position_ids` are required next to the holes; sliding-window layers drop
 columns and break the column bookkeeping, so they are refused.
 

@@ -113,7 +113,7 @@ def _connect(cfg: Config) -> RayInfo:
         embedded = False
     else:
         # Decide the auth mode explicitly: left unset, an embedded Ray writes a token file that
-        # later breaks `ray start` / `ray job submit` on this machine (NOTES.md).
+        # later breaks `ray start` / `ray job submit` on this machine.
         os.environ.setdefault("RAY_AUTH_MODE", r.auth_mode)
         kw = {}
         if r.metrics_export_port:

@@ -38,7 +38,7 @@ def _where(path: Path, node: ast.AST) -> str:
 def test_defaults_bind_localhost_and_trust_no_remote_code():
     assert ResourcesConfig().dashboard_host == "127.0.0.1"
     assert ModelConfig().trust_remote_code is False
-    assert ResourcesConfig().auth_mode == "disabled"  # decided explicitly, never left to Ray (NOTES.md)
+    assert ResourcesConfig().auth_mode == "disabled"  # left unset, embedded Ray's token file breaks `ray start`
     shipped = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     assert shipped["resources"]["dashboard_host"] == "127.0.0.1" and shipped["model"]["trust_remote_code"] is False
     for path in sorted((REPO / "configs").glob("*.yaml")):  # no shipped config opts out
