@@ -1,5 +1,10 @@
-"""Rewards: math-verify on the last boxed answer (default), a format reward, user plug-ins, and a
-batched scorer with a hard per-item time limit.
+"""Rewards: math-verify on the last boxed answer (default), the task's own verifier for
+reasoning-gym, a format reward, user plug-ins, and `Scorer`, which scores in worker processes
+with a hard per-response time limit.
+
+A response is *correct* only with full credit from its verifier; the training reward is 1/0 for
+that, plus optional shaping (`reward.format_weight`, `reward.partial_weight`) that is never
+counted as correct, so evaluation (`Trajectory.correct`) cannot be inflated by shaping.
 
 math-verify's own timeouts use `signal.alarm`, which only works in a process's main thread; inside
 Ray workers or threads they raise or make every answer score 0. We switch them off
@@ -8,25 +13,31 @@ Ray workers or threads they raise or make every answer score 0. We switch them o
   2. numbers too large to evaluate (e.g. `10^{10^{10}}`, which sympy would try to expand forever,
      or `\\binom{100000}{50000}`, which parsing evaluates) are compared as strings instead of
      symbolically (`MAX_LOG2`, `MAX_SYMBOLIC_EXP`, `_BIG_BINOM`);
-  3. `score_batch(..., workers>0)` runs scoring in child processes and kills any item that runs
-     past `timeout_s` (a hard bound; in-process scoring relies on 1-2 only).
+  3. `Scorer` runs scoring in worker processes and kills the process of any response that runs
+     past `reward.timeout_s` (a hard bound: the step goes on, the response scores 0, counted).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import logging
 import math
 import multiprocessing as mp
-import pickle
 import re
+import signal
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import sympy
 from math_verify import parse, verify
+from pebble import ProcessPool
 
-from e3rl.tasks.base import Problem, count_boxed, last_boxed
+from e3rl.tasks.base import Problem, count_boxed, extract_answer, last_boxed
+from e3rl.tasks.gym import gym_verdict, is_gym
+
+if TYPE_CHECKING:
+    from e3rl.config import RewardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +49,6 @@ MAX_LOG2 = float(1 << 22)  # numbers above ~1.26M digits are compared as strings
 MAX_SYMBOLIC_EXP = 10_000  # x^{n} with larger n is compared as a string (expansion blows up)
 
 _BIG_BINOM = re.compile(r"binom\s*\{?\s*\d{5,}")  # parse() evaluates binomials eagerly
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -50,20 +60,6 @@ class _DropTimeoutDisabledWarning(logging.Filter):
 
 for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
-
-
-def extract_answer(response: str, require_box: bool = False) -> str | None:
-    """The answer a response commits to: the last complete `\\boxed{}`.
-
-    Without a box, the last number in the text (commas as thousands separators, `a/b` kept),
-    unless `require_box`. The fallback gives small models that ignore the box instruction a
-    learning signal; pair it with `format_reward`, or set `require_box`, to demand the format.
-    """
-    boxed = last_boxed(response)
-    if boxed is not None or require_box:
-        return boxed
-    numbers = _NUMBER.findall(response)
-    return numbers[-1].replace(",", "") if numbers else None
 
 
 def _log2_abs(node: Any) -> float:
@@ -128,11 +124,10 @@ def format_reward(response: str) -> float:
 
 
 def problem_reward(response: str, problem: Problem) -> float:
-    """The default reward: the task's own scorer for reasoning-gym problems, math-verify otherwise."""
-    from e3rl.tasks.gym import is_gym, score_gym
-
+    """The default correctness, 1.0 or 0.0: full credit from the task's own scorer for
+    reasoning-gym problems (`gym_verdict`), math-verify otherwise."""
     if is_gym(problem):
-        return score_gym(problem, response)
+        return float(gym_verdict(problem, response)[0])
     return math_reward(response, problem.answer)
 
 
@@ -167,55 +162,60 @@ def check_reward_fn(spec: str) -> None:
         raise ConfigError(f"reward.fn: {e} — use auto, math_verify, or an importable 'package.module:function'") from None
 
 
+
 @dataclass(frozen=True)
-class BatchScores:
-    """Scores in input order; failed items score 0.0 and are counted, never hidden."""
+class Score:
+    """One response's verdict. `correct` is full credit from its verifier and never depends on
+    shaping; `reward` (what the learner trains on) is correctness plus the configured shaping.
+    A response that timed out or whose reward raised scores 0 and is flagged, never hidden."""
 
-    scores: list[float]  # [N]
-    timed_out: int
-    errors: int
-
-
-def _score_one(fn: RewardFn, response: str, problem: Problem) -> float:
-    score = float(fn(response, problem))
-    if not math.isfinite(score):
-        raise ValueError(f"reward {score} for problem {problem.uid} is not finite")
-    return score
+    reward: float
+    correct: bool
+    timed_out: bool = False
+    error: bool = False
 
 
-def score_batch(responses: Sequence[str], problems: Sequence[Problem],
-                reward_fn: RewardFn = problem_reward, workers: int = 0,
-                timeout_s: float = 10.0) -> BatchScores:
-    """Score `responses[i]` against `problems[i]`.
+def score_response(cfg: RewardConfig, response: str, problem: Problem) -> Score:
+    """Score one response under `cfg` (a `RewardConfig`); module-level so worker processes run it.
 
-    `workers=0` scores in this thread (no hard time limit). `workers>0` uses that many child
-    processes (forkserver, with this module preloaded) and gives each item at least `timeout_s`
-    seconds; an item past it scores 0, and the pool is killed and restarted for the rest. Meant
-    for the generator actor, off the decode path; `reward_fn` must be a module-level function.
+    Correct: full credit from the gym task's scorer, a math-verify match, or a user reward >= 1.0.
+    The base reward is 1/0 for the built-ins and the user reward's own value (it may be graded).
+    Shaping adds `format_weight * format_reward` and, for gym tasks, `partial_weight *` the
+    scorer's credit of a wrong answer (below 1).
     """
-    if len(responses) != len(problems):
-        raise ValueError(f"score_batch: {len(responses)} responses for {len(problems)} problems")
-    items = list(zip(responses, problems))
-    if workers <= 0:
-        return _score_serial(items, reward_fn)
-    try:
-        pickle.dumps(reward_fn)
-    except Exception as e:
-        raise ValueError(f"score_batch: reward_fn {reward_fn!r} cannot be sent to worker "
-                         f"processes ({e}); use a module-level function") from None
-    return _score_in_pool(items, reward_fn, workers, timeout_s)
+    partial = 0.0
+    if cfg.fn == "auto" and is_gym(problem):
+        correct, credit = gym_verdict(problem, response)
+        base, partial = float(correct), (0.0 if correct or credit >= 1.0 else credit)
+    elif cfg.fn in ("auto", "math_verify"):
+        base = math_reward(response, problem.answer)
+        correct = base == 1.0
+    else:
+        base = float(_user_reward_fn(cfg.fn)(response, problem))
+        correct = base >= 1.0
+    reward = base + cfg.format_weight * format_reward(response) + cfg.partial_weight * partial
+    if not math.isfinite(reward):
+        raise ValueError(f"reward {reward} for problem {problem.uid} is not finite")
+    return Score(reward, correct)
 
 
-def _score_serial(items: list[tuple[str, Problem]], fn: RewardFn) -> BatchScores:
-    scores, errors = [], 0
-    for response, problem in items:
-        try:
-            scores.append(_score_one(fn, response, problem))
-        except Exception as e:
-            errors += 1
-            scores.append(0.0)
-            logger.warning("reward failed on %s: %s: %s", problem.uid, type(e).__name__, e)
-    return BatchScores(scores, timed_out=0, errors=errors)
+@lru_cache(maxsize=None)
+def _user_reward_fn(spec: str) -> RewardFn:
+    return load_reward_fn(spec)
+
+
+def score_stats(scores: Sequence[Score]) -> dict[str, float]:
+    """`reward/accuracy` (fraction correct) and the `reward/timeouts` / `reward/errors` counts."""
+    n = max(len(scores), 1)
+    return {"reward/accuracy": sum(s.correct for s in scores) / n,
+            "reward/timeouts": float(sum(s.timed_out for s in scores)),
+            "reward/errors": float(sum(s.error for s in scores))}
+
+
+def _worker_init() -> None:
+    """Let SIGTERM end a reward worker at once. pebble's own handler is Python code, which cannot
+    run while sympy sits in one long C call: the kill would wait for pebble's SIGKILL fallback."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _mp_context() -> Any:
@@ -228,30 +228,57 @@ def _mp_context() -> Any:
     return ctx
 
 
-def _score_in_pool(items: list[tuple[str, Problem]], fn: RewardFn, workers: int,
-                   timeout_s: float) -> BatchScores:
-    ctx = _mp_context()
-    scores: list[float | None] = [None] * len(items)
-    timed_out = errors = 0
-    pending = list(range(len(items)))
-    while pending:
-        with ctx.Pool(min(workers, len(pending))) as pool:  # exit terminates stuck workers
-            jobs = {i: pool.apply_async(_score_one, (fn, *items[i])) for i in pending}
-            for i in pending:
-                if scores[i] is not None:
-                    continue
-                try:
-                    scores[i] = jobs[i].get(timeout=timeout_s)
-                except mp.TimeoutError:
-                    scores[i], timed_out = 0.0, timed_out + 1
-                    logger.warning("reward timed out after %.1fs on %s", timeout_s, items[i][1].uid)
-                    break
-                except Exception as e:
-                    scores[i], errors = 0.0, errors + 1
-                    logger.warning("reward failed on %s: %s: %s", items[i][1].uid,
-                                   type(e).__name__, e)
-            for i in pending:  # keep what finished before a timeout
-                if scores[i] is None and jobs[i].ready() and jobs[i].successful():
-                    scores[i] = jobs[i].get()
-        pending = [i for i in pending if scores[i] is None]
-    return BatchScores([float(s) for s in scores], timed_out=timed_out, errors=errors)
+class Scorer:
+    """Scores responses in `cfg.workers` worker processes, each response under a hard
+    `cfg.timeout_s` limit: past it, the process running it is killed (and replaced) and the
+    response scores 0, flagged `timed_out`. Build one per generator actor and reuse it, so the
+    workers keep their caches (parsed golds, gym datasets) across steps; `close()` ends them."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self._pool: Any = None
+
+    def score(self, responses: Sequence[str], problems: Sequence[Problem]) -> list[Score]:
+        """Scores in input order: `responses[i]` against `problems[i]`."""
+        if len(responses) != len(problems):
+            raise ValueError(f"Scorer.score: {len(responses)} responses for {len(problems)} problems")
+        if self._pool is not None and not self._pool.active:
+            self.close()  # broken (e.g. its workers died): start afresh
+        if self._pool is None:
+            self._pool = ProcessPool(self.cfg.workers, initializer=_worker_init, context=_mp_context())
+        futures = [self._pool.schedule(score_response, (self.cfg, r, p), timeout=self.cfg.timeout_s)
+                   for r, p in zip(responses, problems)]
+        # pebble enforces the limit; this backstop only guards against a wedged pool
+        rounds = -(-len(futures) // self.cfg.workers)
+        concurrent.futures.wait(futures, timeout=rounds * (self.cfg.timeout_s + 5.0) + 30.0)
+        scores = [self._result(f, p) for f, p in zip(futures, problems)]
+        if not all(f.done() for f in futures):
+            self.close()
+        return scores
+
+    def _result(self, future: Any, problem: Problem) -> Score:
+        if not future.done():
+            logger.warning("reward for %s never finished; restarting the reward workers", problem.uid)
+            return Score(0.0, False, timed_out=True)
+        try:
+            return future.result()
+        except concurrent.futures.TimeoutError:
+            logger.warning("reward timed out after %.1fs on %s; its worker was killed", self.cfg.timeout_s,
+                           problem.uid)
+            return Score(0.0, False, timed_out=True)
+        except Exception as e:  # a broken answer or reward fn scores 0 and is counted, never crashes a run
+            logger.warning("reward failed on %s: %s: %s", problem.uid, type(e).__name__, e)
+            return Score(0.0, False, error=True)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later `score` starts new ones)."""
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "Scorer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

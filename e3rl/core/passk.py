@@ -30,16 +30,17 @@ def avg_at_k(correct: Sequence[float]) -> float:
     return float(np.mean(np.asarray(correct, dtype=np.float64)))
 
 
-def count_correct(scores: Sequence[float], threshold: float = 0.5) -> int:
-    """Samples whose reward reaches `threshold` count as correct (rewards are usually 0/1)."""
+def count_correct(scores: Sequence[float], threshold: float = 1.0) -> int:
+    """Samples whose score reaches `threshold` count as correct: full credit by default. Pass 0/1
+    correctness (`Trajectory.correct`), not a shaped training reward."""
     return int(np.sum(np.asarray(scores, dtype=np.float64) >= threshold))
 
 
 def benchmark_metrics(per_problem: Sequence[Sequence[float]], ks: Sequence[int],
-                      threshold: float = 0.5) -> dict[str, float]:
+                      threshold: float = 1.0) -> dict[str, float]:
     """Pass@k for each k and Avg@n, averaged over the problems of one benchmark.
 
-    `per_problem[p]` holds the rewards of problem p's n samples (n may differ between problems;
+    `per_problem[p]` holds the 0/1 correctness of problem p's n samples (n may differ between problems;
     each k must be <= the smallest n). Keys: "pass@{k}", "avg@{n}" (n = samples per problem,
     e.g. avg@32; plain "avg" if the counts differ) and "n_problems".
     """
@@ -61,8 +62,8 @@ def benchmark_metrics(per_problem: Sequence[Sequence[float]], ks: Sequence[int],
 
 
 def aggregate(results: Iterable[tuple[str, Sequence[float]]], ks: Sequence[int],
-              threshold: float = 0.5) -> dict[str, dict[str, float]]:
-    """Metrics per benchmark from (benchmark name, one problem's sample rewards) pairs."""
+              threshold: float = 1.0) -> dict[str, dict[str, float]]:
+    """Metrics per benchmark from (benchmark name, one problem's sample correctness) pairs."""
     grouped: dict[str, list[Sequence[float]]] = {}
     for bench, scores in results:
         grouped.setdefault(bench, []).append(scores)

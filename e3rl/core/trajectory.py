@@ -60,7 +60,8 @@ class Trajectory:
     prompt_uid: str = ""
     response_text: str = ""
     finish_reason: str = ""  # eos | stop | length | stream_cap
-    reward: float = 0.0
+    reward: float = 0.0  # training reward: correctness plus any configured shaping
+    correct: bool = False  # full credit from the task's verifier (what evaluation counts)
     forward_tokens: int = 0  # tokens fed through the model for this row (prompt + stream)
     rewinds: int = 0
     compactions: int = 0
@@ -153,6 +154,7 @@ TRAJECTORY_SCHEMA = pa.schema(
         ("response_text", pa.string()),
         ("finish_reason", pa.string()),
         ("reward", pa.float64()),
+        ("correct", pa.bool_()),
         ("forward_tokens", pa.int64()),
         ("rewinds", pa.int32()),
         ("compactions", pa.int32()),

@@ -1,4 +1,4 @@
-"""The task record every loader returns, load accounting, and prompt building.
+"""The task record every loader returns, load accounting, prompt building and answer extraction.
 
 Loaders are config-free: they take explicit arguments and return `(problems, LoadStats)`, so the
 caller can log how much of a dataset was dropped and why instead of training on a silent subset.
@@ -6,6 +6,7 @@ caller can log how much of a dataset was dropped and why instead of training on 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,23 @@ def last_boxed(text: str) -> str | None:
         if close is not None:
             return text[body:close].strip()
         end = start
+
+
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(response: str, require_box: bool = False) -> str | None:
+    """The answer a response commits to: the last complete `\\boxed{}`.
+
+    Without a box, the last number in the text (commas as thousands separators, `a/b` kept),
+    unless `require_box`. The fallback gives small models that ignore the box instruction a
+    learning signal; pair it with `format_reward`, or set `require_box`, to demand the format.
+    """
+    boxed = last_boxed(response)
+    if boxed is not None or require_box:
+        return boxed
+    numbers = _NUMBER.findall(response)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 def count_boxed(text: str) -> int:

@@ -1,19 +1,22 @@
-"""reasoning-gym tasks as `Problem`s, scored by the task's own `score_answer`.
+"""reasoning-gym tasks as `Problem`s, judged by the task's own `score_answer`.
 
 Gym answers are plain strings (`-4`, `True`, a word) and `score_answer` is close to exact match
 (`" -4 "` scores 0.5, `"\\boxed{-4}"` 0.2), so the model is told to box its answer and the box
-content is handed to the scorer. Problems carry enough in `meta` to rebuild the exact dataset
-entry anywhere (a Ray worker, a reward subprocess): generation is seeded and deterministic.
+content is handed to the scorer. Only full credit is correct: many scorers give partial credit
+when the gold string appears inside the answer (gold `3`: `-3`, `13`, `3 1` score 0.3-0.5), which
+a policy can farm. Problems carry enough in `meta` to rebuild the exact dataset entry anywhere
+(a Ray worker, a reward subprocess): generation is seeded and deterministic.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from e3rl.tasks.base import LoadStats, Problem, answer_text, last_boxed
+from e3rl.tasks.base import LoadStats, Problem, answer_text, extract_answer, last_boxed
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +25,7 @@ GYM_INSTRUCTION = "Give the final answer in \\boxed{}, e.g. \\boxed{-4}."
 G times in the learner. The scorers need the bare answer, hence the example."""
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?(?:[eE][+-]?\d+)?")
 
 
 @lru_cache(maxsize=32)
@@ -63,28 +67,65 @@ def is_gym(problem: Problem) -> bool:
 
 def extract_gym_answer(response: str) -> str | None:
     """The last `\\boxed{}` content, else the last `<answer>...</answer>` (gym's own convention),
-    else the last number in the text (the same fallback as `e3rl.rewards.extract_answer`)."""
+    else the last number in the text (the same fallback as `extract_answer`)."""
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed
     tags = _ANSWER_TAG.findall(response)
     if tags:
         return tags[-1].strip()
-    from e3rl.rewards import extract_answer  # lazy: rewards imports the tasks package
-
     return extract_answer(response)
 
 
+def plain_number(text: str) -> Decimal | None:
+    """The value of a text that is one number and nothing else (`-4`, ` 7.0 `, `1,250`), else None."""
+    text = text.strip()
+    if not _PLAIN_NUMBER.fullmatch(text):
+        return None
+    try:
+        return Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def gym_verdict(problem: Problem, response: str) -> tuple[bool, float]:
+    """(correct, the scorer's credit in [0, 1]) for a response.
+
+    Correct iff the task's scorer gives full credit. When the gold is a plain number the answer
+    must also be one number: one equal to the gold (`7.0` for `7`) is correct even where the scorer
+    compares strings, and a different one only with full credit (tolerant scorers, e.g.
+    decimal_arithmetic's) on the gold's side of zero (gsm_symbolic's reads the first number, sign
+    dropped: it gives `-288` and `288 1` full credit for 288).
+    """
+    answer = extract_gym_answer(response)
+    if answer is None:
+        return False, 0.0
+    credit = min(max(_scorer_credit(problem, answer), 0.0), 1.0)
+    gold = plain_number(problem.answer)
+    if gold is None:
+        return credit == 1.0, credit
+    value = plain_number(answer)
+    if value is None:
+        return False, credit
+    return value == gold or (credit == 1.0 and _sign(value) == _sign(gold)), credit
+
+
+def _sign(x: Decimal) -> int:
+    return (x > 0) - (x < 0)
+
+
 def score_gym(problem: Problem, response: str) -> float:
-    """Score a response with the task's own scorer, on the original (not JSON-mangled) entry.
+    """1.0 if the task's scorer gives the response full credit (see `gym_verdict`), else 0.0."""
+    return float(gym_verdict(problem, response)[0])
+
+
+def _scorer_credit(problem: Problem, answer: str) -> float:
+    """The task's own scorer on the original (not JSON-mangled) entry.
 
     The dataset is re-created from (task, size, seed, config) and cached per process. If this
     reasoning-gym version generates a different question at that index, the stored entry is used.
     """
     m = problem.meta
-    answer = extract_gym_answer(response)
-    if answer is None:
-        return 0.0
     ds = _dataset(m["rg_task"], m["rg_size"], m["rg_seed"], json.dumps(m["rg_config"], sort_keys=True))
     entry = ds[m["rg_index"]]
     if entry["question"] != problem.prompt:

@@ -1,9 +1,15 @@
-"""Scoring in the generator actor: the configured reward, the format bonus, errors counted not raised."""
+"""Scoring in the generator actor: the configured reward through the Scorer's worker processes,
+`correct` (full credit) kept apart from the shaped training reward, and the reward stats.
+
+Tests of new API import it inside the test, so on older code they fail by their assertions."""
+import pytest
 import torch
 
-from actors.generator_actor import make_reward_fn, score
+from actors.rollout_stats import merge_stats
 from e3rl.config import load_config
-from e3rl.core.trajectory import SegmentTable, Trajectory
+from e3rl.core.passk import benchmark_metrics
+from e3rl.core.trajectory import (SegmentTable, Trajectory, from_ipc_bytes, from_record_batch, to_ipc_bytes,
+                                  to_record_batch)
 from e3rl.tasks.base import Problem
 from e3rl.tasks.gym import load_gym
 
@@ -13,19 +19,74 @@ def _traj(text: str) -> Trajectory:
     return Trajectory(z, z, torch.zeros(0), torch.zeros(0), z, z, SegmentTable.empty(), response_text=text)
 
 
-def test_auto_reward_uses_gym_scorer_and_math_verify():
+def test_auto_reward_uses_gym_scorer_and_math_verify_and_fills_correct():
+    from actors.generator_actor import score
+    from e3rl.rewards import Scorer
+
     gym, _ = load_gym("chain_sum", 1, seed=0)
     math = Problem("m", "half?", "\\frac{1}{2}", "test")
     trajs = [_traj(f"so \\boxed{{{gym[0].answer}}}"), _traj("\\boxed{7}"), _traj("\\boxed{0.5}"), _traj("no")]
-    errors = score(trajs, [gym[0], math], 2, make_reward_fn(load_config()))
-    assert [t.reward for t in trajs] == [1.0, 0.0, 1.0, 0.0] and errors == 0
+    with Scorer(load_config().reward) as scorer:
+        stats = score(trajs, [gym[0], math], 2, scorer)
+    assert [t.reward for t in trajs] == [1.0, 0.0, 1.0, 0.0]
+    assert [t.correct for t in trajs] == [True, False, True, False]
+    assert stats == {"reward/accuracy": 0.5, "reward/timeouts": 0.0, "reward/errors": 0.0}
 
 
-def test_format_weight_adds_bonus_and_broken_reward_is_counted(tmp_path):
-    cfg = load_config(None, ["reward.fn=math_verify", "reward.format_weight=0.5"])
+@pytest.mark.parametrize("w", [0.5, 1.0])
+def test_format_bonus_never_makes_a_wrong_answer_correct(w):
+    if w < 1:  # a wrong boxed answer's training reward is w: eval metrics must not count it
+        assert benchmark_metrics([[w, 0.0]], ks=[1, 2])["pass@2"] == 0.0
+
+    from e3rl.rewards import Score, score_response
+
+    cfg = load_config(None, ["reward.fn=math_verify", f"reward.format_weight={w}"]).reward
     p = Problem("m", "q", "3", "test")
-    trajs = [_traj("\\boxed{3}"), _traj("\\boxed{4}")]
-    score(trajs, [p], 2, make_reward_fn(cfg))
-    assert [t.reward for t in trajs] == [1.5, 0.5]
-    errors = score(trajs, [p], 2, lambda r, prob: 1 / 0)
-    assert errors == 2 and [t.reward for t in trajs] == [0.0, 0.0]
+    wrong, right = score_response(cfg, "\\boxed{4}", p), score_response(cfg, "\\boxed{3}", p)
+    assert wrong == Score(w, False) and right == Score(1.0 + w, True)
+    # what evaluation counts (`float(t.correct)`), at k = 1 and 2 samples
+    m = benchmark_metrics([[float(wrong.correct), float(wrong.correct)]], ks=[1, 2])
+    assert m["pass@1"] == m["pass@2"] == m["avg@2"] == 0.0
+    assert benchmark_metrics([[float(right.correct), float(wrong.correct)]], ks=[1])["avg@2"] == 0.5
+
+
+def test_partial_credit_is_shaping_only():
+    from e3rl.rewards import Score, score_response
+
+    problems, _ = load_gym("chain_sum", 40, seed=0)
+    p = next(q for q in problems if q.answer.isdigit() and q.answer != "0")  # chain_sum gives `-gold` 0.5
+    off = load_config().reward
+    on = load_config(None, ["reward.partial_weight=0.5"]).reward
+    assert score_response(off, f"\\boxed{{-{p.answer}}}", p) == Score(0.0, False)
+    assert score_response(on, f"\\boxed{{-{p.answer}}}", p) == Score(0.25, False)
+    assert score_response(on, f"\\boxed{{{p.answer}}}", p) == Score(1.0, True)  # full credit: no partial on top
+
+
+def test_merge_stats_sums_reward_counts_and_weights_accuracy_by_samples():
+    part = {"gen/tokens_produced": 10.0, "gen/seconds": 1.0}
+    merged = merge_stats([
+        part | {"gen/samples": 2.0, "reward/accuracy": 1.0, "reward/timeouts": 1.0, "reward/errors": 0.0},
+        part | {"gen/samples": 6.0, "reward/accuracy": 0.5, "reward/timeouts": 2.0, "reward/errors": 1.0}])
+    assert merged["reward/timeouts"] == 3.0 and merged["reward/errors"] == 1.0
+    assert merged["reward/accuracy"] == pytest.approx((2 * 1.0 + 6 * 0.5) / 8)
+
+
+def test_correct_survives_the_arrow_codec_and_old_traces_read_as_not_correct():
+    t = _traj("\\boxed{3}")
+    t.reward, t.correct = 0.5, True
+    back = from_ipc_bytes(to_ipc_bytes([t]))[0]
+    assert (back.reward, getattr(back, "correct", None)) == (0.5, True)
+    old = to_record_batch([t]).drop_columns(["correct"])  # a trace written before the field existed
+    assert from_record_batch(old)[0].correct is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.partial_weight=1.0", "reward.partial_weight: must be in [0, 1)"),
+    ("reward.timeout_s=0", "reward.timeout_s: must be > 0"),
+    ("reward.workers=0", "reward.workers: must be >= 1"),
+])
+def test_reward_config_checks(override, message):
+    from e3rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace(")", "\\)")):
+        load_config(None, [override])

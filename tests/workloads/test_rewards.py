@@ -1,15 +1,21 @@
-"""Rewards: math-verify on boxed answers, format reward, plug-in loading, batched scoring."""
+"""Rewards: math-verify on boxed answers, full credit only for gym tasks, format reward, plug-in
+loading, and the Scorer's worker processes with a hard per-response time limit.
+
+Tests of new API import it inside the test, so on older code they fail by their assertions."""
 from __future__ import annotations
 
 import threading
 import time
+from decimal import Decimal
 
+import psutil
 import pytest
 from math_verify import parse, verify
 
+from e3rl.config import RewardConfig
 from e3rl.rewards import (MAX_ANSWER_CHARS, extract_answer, format_reward, load_reward_fn,
-                          math_reward, problem_reward, score_batch)
-from e3rl.tasks import Problem, load_gym
+                          math_reward, problem_reward)
+from e3rl.tasks import GYM_INSTRUCTION, Problem, last_boxed, load_gym
 
 CASES = [  # (response, gold, expected)
     ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
@@ -110,43 +116,155 @@ def test_problem_reward_dispatches_gym_and_math():
     assert problem_reward("\\boxed{0.5}", _math("m", "\\frac{1}{2}")) == 1.0
 
 
-def test_score_batch_serial_counts_errors():
-    problems = [_math("a", "2"), _math("b", "3"), _math("c", "4")]
-    out = score_batch(["\\boxed{2}", "\\boxed{5}", "4"], problems)
-    assert out.scores == [1.0, 0.0, 1.0] and out.errors == 0 and out.timed_out == 0
-
-    def flaky(response, problem):
-        if problem.uid == "b":
-            raise RuntimeError("boom")
-        return 1.0
-
-    out = score_batch(["x", "y", "z"], problems, flaky)
-    assert out.scores == [1.0, 0.0, 1.0] and out.errors == 1
-    with pytest.raises(ValueError, match="2 responses for 3 problems"):
-        score_batch(["x", "y"], problems)
-    with pytest.raises(ValueError, match="module-level function"):
-        score_batch(["x", "y", "z"], problems, flaky, workers=1)
+# ------------------------------------------------------------------ gym: full credit only
+GYM_TASKS = ["chain_sum", "basic_arithmetic", "products", "gsm_symbolic"]
+EXAMPLE = last_boxed(GYM_INSTRUCTION)  # the answer the gym instruction shows: -4
 
 
-SLOW_MODULE = '''
-import time
+def _near_misses(gold: str) -> list[str]:
+    """Wrong answers holding the gold string, which gym scorers give partial (or, for
+    gsm_symbolic's first-number match, full) credit: sign-flipped, digit-prefixed (`1-4` for -4),
+    digit-suffixed, spaced, and the instruction's example."""
+    out = [f"1{gold}", f"{gold}1", f"{gold} 1"]
+    if Decimal(gold) != 0:
+        out.append(gold[1:] if gold.startswith("-") else f"-{gold}")
+    if Decimal(gold) != Decimal(EXAMPLE):
+        out.append(EXAMPLE)
+    return out
+
+
+@pytest.mark.parametrize("task", GYM_TASKS)
+def test_gym_near_misses_score_zero_and_equal_numbers_are_correct(task):
+    problems, _ = load_gym(task, size=12, seed=1)
+    assert len(problems) == 12 and all(Decimal(p.answer) == int(p.answer) for p in problems)
+    for p in problems:
+        for wrong in _near_misses(p.answer):
+            assert problem_reward(f"so \\boxed{{{wrong}}}", p) == 0.0, (task, p.answer, wrong)
+        for right in (p.answer, f" {p.answer} ", f"{p.answer}.0", f"\\boxed{{{p.answer}}}"):
+            assert problem_reward(right, p) == 1.0, (task, p.answer, right)
+
+    from e3rl.rewards import Score, score_response
+
+    for p in problems:
+        for wrong in _near_misses(p.answer):
+            assert score_response(RewardConfig(), f"\\boxed{{{wrong}}}", p) == Score(0.0, False), (task, wrong)
+        assert score_response(RewardConfig(), f"\\boxed{{{p.answer}.0}}", p) == Score(1.0, True)
+
+
+def test_constant_instruction_example_scores_exactly_its_base_rate():
+    problems, _ = load_gym("chain_sum", size=300, seed=0, min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+    base_rate = sum(Decimal(p.answer) == Decimal(EXAMPLE) for p in problems) / len(problems)
+    assert 0 < base_rate < 0.1  # the example is a real gold answer here, and a rare one
+    rewards = [problem_reward(f"The answer is \\boxed{{{EXAMPLE}}}", p) for p in problems]
+    assert sum(rewards) / len(rewards) == base_rate
+
+    from e3rl.rewards import score_response
+
+    scores = [score_response(RewardConfig(), f"\\boxed{{{EXAMPLE}}}", p) for p in problems]
+    assert sum(s.reward for s in scores) / len(scores) == base_rate
+    assert sum(s.correct for s in scores) / len(scores) == base_rate
+
+
+# ------------------------------------------------------------------ Scorer: bounded time, killed workers
+SLOW = "\\boxed{(x+1)^{9999}}"  # just under MAX_SYMBOLIC_EXP, so sympy expands it (> 20 s)
+
+
+def _workers() -> list[psutil.Process]:
+    """Live reward workers: the children of this process's multiprocessing forkserver."""
+    out = []
+    for child in psutil.Process().children():
+        try:
+            if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                out += [w for w in child.children() if w.status() != psutil.STATUS_ZOMBIE]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+
+def test_scorer_kills_slow_answers_within_the_time_limit_and_scores_the_rest():
+    from e3rl.rewards import Scorer
+
+    cfg = RewardConfig(fn="auto", timeout_s=1.5, workers=2)
+    problems = [_math("slow1", "5"), _math("half", "\\frac{1}{2}"), _math("slow2", "5"), _math("wrong", "7"),
+                _math("neg", "-4")]
+    responses = [SLOW, "\\boxed{0.5}", SLOW.replace("9999", "9998"), "\\boxed{8}", "\\boxed{-4}"]
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(w.pid for w in _workers())
+            time.sleep(0.05)
+
+    with Scorer(cfg) as scorer:
+        assert scorer.score(["\\boxed{2}"], [_math("warm", "2")])[0].correct  # workers up
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        start = time.perf_counter()
+        scores = scorer.score(responses, problems)
+        elapsed = time.perf_counter() - start
+        done.set()
+        watcher.join()
+
+        assert [s.timed_out for s in scores] == [True, False, True, False, False]
+        assert [(s.reward, s.correct) for s in scores] == [(0.0, False), (1.0, True), (0.0, False), (0.0, False),
+                                                           (1.0, True)]
+        assert not any(s.error for s in scores)
+        assert elapsed < cfg.timeout_s + 5.0, elapsed  # both slow ones ran side by side and were cut
+        deadline = time.monotonic() + 5.0
+        while len(alive := _workers()) < cfg.workers and time.monotonic() < deadline:
+            time.sleep(0.05)  # the pool starts the last replacement just after the batch returns
+        seen.update(w.pid for w in alive)
+        # each timeout killed its worker and started a fresh one: 2 originals + 2 replacements
+        assert len(alive) == cfg.workers and len(seen) == cfg.workers + 2
+        gone = seen - {w.pid for w in alive}
+        assert len(gone) == 2 and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() !=
+                                          psutil.STATUS_ZOMBIE for pid in gone)
+        before = _cpu_seconds(alive)
+        time.sleep(0.5)
+        assert _cpu_seconds(alive) - before < 0.1  # nothing is still computing a timed-out answer
+        assert scorer.score(["\\boxed{5}"], [_math("again", "5")])[0].correct  # reused after timeouts
+    assert _workers() == []  # close() leaves no scoring process
+
+
+HANG_MODULE = """
+import os, time
 from e3rl.rewards import problem_reward
 
 def reward(response, problem):
     if response == "hang":
+        with open(problem.prompt, "w") as f:  # the test reads which process ran it
+            f.write(str(os.getpid()))
         time.sleep(60)
+    if response == "boom":
+        raise RuntimeError("boom")
+    if response == "nan":
+        return float("nan")
     return problem_reward(response, problem)
-'''
+"""
 
 
-def test_score_batch_in_worker_processes_kills_hung_items(tmp_path, monkeypatch):
-    (tmp_path / "e3rl_test_slow_reward.py").write_text(SLOW_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    fn = load_reward_fn("e3rl_test_slow_reward:reward")
-    problems = [_math("a", "\\frac{1}{2}"), _math("b", "1"), _math("c", "-4"), _math("d", "7")]
-    responses = ["\\boxed{0.5}", "hang", "\\boxed{-4}", "\\boxed{8}"]
-    start = time.perf_counter()
-    out = score_batch(responses, problems, fn, workers=1, timeout_s=1.5)
-    assert out.scores == [1.0, 0.0, 1.0, 0.0]
-    assert out.timed_out == 1 and out.errors == 0
-    assert time.perf_counter() - start < 30
+def test_scorer_user_reward_hang_kills_that_process_and_errors_are_counted(tmp_path, monkeypatch):
+    from e3rl.rewards import Scorer
+
+    (tmp_path / "e3rl_test_hang_reward.py").write_text(HANG_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # workers take this process's sys.path when they start
+    pid_file = tmp_path / "hung.pid"
+    problems = [_math("a", "\\frac{1}{2}"), Problem("b", str(pid_file), "1", "t"), _math("c", "-4"), _math("d", "7"),
+                _math("e", "7"), _math("f", "7")]
+    responses = ["\\boxed{0.5}", "hang", "\\boxed{-4}", "\\boxed{8}", "boom", "nan"]
+    with Scorer(RewardConfig(fn="e3rl_test_hang_reward:reward", timeout_s=1.5)) as scorer:
+        start = time.perf_counter()
+        scores = scorer.score(responses, problems)
+        assert time.perf_counter() - start < 30
+        assert [(s.reward, s.correct) for s in scores] == [(1.0, True), (0.0, False), (1.0, True)] + [(0.0, False)] * 3
+        assert [s.timed_out for s in scores] == [False, True, False, False, False, False]
+        assert [s.error for s in scores] == [False] * 4 + [True, True]
+        hung = int(pid_file.read_text())
+        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+        with pytest.raises(ValueError, match="2 responses for 6 problems"):
+            scorer.score(responses[:2], problems)
