@@ -107,7 +107,9 @@ class RewindableGenerator:
                                 min_len=heal.min_segment_tokens, max_len=heal.max_segment_tokens)
         self.weights = UncertaintyWeights(heal.w_mean, heal.w_peak, heal.w_delta, heal.smooth_window)
         self.params = ThresholdParams(heal.threshold_k, heal.penalty_scale, heal.penalty_base,
-                                      heal.history_weight, heal.min_peers)
+                                      heal.history_weight, heal.min_peers, heal.spread_prior)
+        # the run's history, read-only while generating: the driver folds each training step's
+        # accepted segments in once, pooled over all generators (`UncertaintyHistory.update`)
         self.history = UncertaintyHistory(decay=heal.history_decay)
         self.policy_version = 0
         self.needs_text = heal.segment_mode == "delimiter" or bool(gen.stop)
@@ -306,7 +308,9 @@ class RewindableGenerator:
         logits[c.i] = batch.start_logits[c.i]
 
     def _judge(self, closes: list) -> list:
-        """Composite U; group threshold from peers closing the same position; budgeted decision."""
+        """Composite U; threshold from the other samples of the group at the same position (kept
+        earlier or closing now); budgeted decision. A segment that may not be erased (stream cap,
+        unknown start logits) is not judged: its threshold stays inf."""
         for c in closes:
             s = torch.tensor(c.row.surprisal[c.start : c.end])
             c.u = segment_uncertainty(s, c.row.prev_mean, self.weights)
@@ -316,9 +320,13 @@ class RewindableGenerator:
         for c in closes:
             now[(c.row.group, c.row.position)][c.row.sample] = c.u
         for c in closes:
+            if c.frozen or not c.row.start_known:
+                continue
             key = (c.row.group, c.row.position)
-            peers = torch.tensor(list({**self._peers[key], **now[key]}.values()))
-            c.tau = segment_threshold(peers, c.row.seg_erases, self.history, self.params)
+            peers = {**self._peers[key], **now[key]}
+            peers.pop(c.row.sample)
+            c.tau = segment_threshold(torch.tensor(list(peers.values())), c.row.seg_erases, self.history,
+                                      self.params)
         u, tau = torch.tensor([c.u for c in closes]), torch.tensor([c.tau for c in closes])
         if self.force_erase is not None:
             u = torch.tensor([float(bool(self.force_erase(c.row, c.row.position))) for c in closes])
@@ -328,10 +336,9 @@ class RewindableGenerator:
                              torch.tensor([c.row.traj_erases for c in closes]),
                              self.heal.max_erases_per_segment, self.heal.max_erases_per_traj).tolist()
         erase = [e and not c.frozen and c.row.start_known for e, c in zip(erase, closes)]
-        kept = [c for c, e in zip(closes, erase) if not e]
-        for c in kept:
-            self._peers[(c.row.group, c.row.position)][c.row.sample] = c.u
-        self.history = self.history.update([c.u for c in kept])
+        for c, e in zip(closes, erase):
+            if not e:
+                self._peers[(c.row.group, c.row.position)][c.row.sample] = c.u
         return erase
 
     # ------------------------------------------------------------ helpers

@@ -6,7 +6,8 @@ object-store reference: Ray resolves a ref passed as a top-level argument, so th
 `ray.put`s one CPU state dict per version and every generator reads the same copy. `generate`
 returns two objects: the trajectories (they stay in the object store; the driver passes the ref
 on without fetching) and a small stats dict the driver does fetch. Rewards are scored here,
-after decoding, so scoring never stalls the decode loop and no payload crosses the driver.
+after decoding, by the actor's `Scorer` (worker processes, a hard time limit per response), so
+one slow answer cannot stall a step and no payload crosses the driver.
 """
 from __future__ import annotations
 
@@ -14,44 +15,29 @@ import dataclasses
 import os
 import random
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import ray
 import torch
 
 from actors.generator import RewindableGenerator
-from actors.rollout_stats import rollout_stats
+from actors.rollout_stats import ACCEPTED_KEY, accepted_uncertainties, rollout_stats
 from e3rl.config import Config
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.core.trajectory import Trajectory
 from e3rl.models import actor_threads, load_model, load_tokenizer, resolve_device
+from e3rl.rewards import Scorer, score_stats
 from e3rl.tasks.base import Problem
 
 
-def make_reward_fn(cfg: Config) -> Callable[[str, Problem], float]:
-    """The configured reward: `auto`/`math_verify` built in, or a user's `module:function`."""
-    from e3rl.rewards import format_reward, load_reward_fn, math_reward, problem_reward
-
-    spec = cfg.reward.fn
-    base = (problem_reward if spec == "auto"
-            else (lambda resp, prob: math_reward(resp, prob.answer)) if spec == "math_verify"
-            else load_reward_fn(spec))
-    w = cfg.reward.format_weight
-    if w == 0:
-        return base
-    return lambda resp, prob: base(resp, prob) + w * format_reward(resp)
-
-
 def score(trajs: Sequence[Trajectory], problems: Sequence[Problem], group_size: int,
-          reward_fn: Callable[[str, Problem], float]) -> int:
-    """Fill `reward` in place (G consecutive trajectories per problem). -> number of scoring errors."""
-    errors = 0
-    for i, t in enumerate(trajs):
-        try:
-            t.reward = float(reward_fn(t.response_text, problems[i // group_size]))
-        except Exception:  # a broken answer or reward fn scores 0 and is counted, never crashes a run
-            t.reward, errors = 0.0, errors + 1
-    return errors
+          scorer: Scorer) -> dict[str, float]:
+    """Fill `reward` and `correct` in place (G consecutive trajectories per problem).
+    -> `reward/accuracy`, `reward/timeouts`, `reward/errors` of the batch."""
+    scores = scorer.score([t.response_text for t in trajs], [problems[i // group_size] for i in range(len(trajs))])
+    for t, s in zip(trajs, scores):
+        t.reward, t.correct = s.reward, s.correct
+    return score_stats(scores)
 
 
 class GeneratorWorker:
@@ -63,7 +49,7 @@ class GeneratorWorker:
         device = resolve_device(cfg.model.device)
         model = load_model(cfg.model, device=device, seed=cfg.run.seed)
         self.generator = RewindableGenerator.from_config(model, load_tokenizer(cfg.model), cfg, seed)
-        self.reward_fn = make_reward_fn(cfg)
+        self.scorer = Scorer(cfg.reward)  # worker processes, reused across steps
         self.batches = 0
         self._fault_rng = random.Random(seed)
 
@@ -79,17 +65,23 @@ class GeneratorWorker:
     @ray.method(num_returns=2)
     def generate(self, prompts: list, group_ids: list, prompt_uids: Optional[list] = None,
                  problems: Optional[list] = None, group_size: Optional[int] = None,
-                 heal: Optional[bool] = None, seed: Optional[int] = None) -> tuple[list, dict]:
+                 heal: Optional[bool] = None, seed: Optional[int] = None,
+                 history: Optional[UncertaintyHistory] = None) -> tuple[list, dict]:
         """Trajectories (scored when `problems` are given) and their stats.
 
         `group_size` / `heal` override the config for evaluation (e.g. k samples, healing on/off).
         `seed` reseeds sampling, so a step's rollouts are a function of (run seed, step, shard):
         a regenerated shard or a resumed run samples exactly what the original would have.
+        `history` is the run's threshold history (the driver owns it and sends it with every
+        call, so a restarted actor needs no state); the stats carry, under `ACCEPTED_KEY`, the U of
+        the segments this call accepted, for the driver to fold into the history once per step.
         """
         self._maybe_fail()
         g = self.generator
         if seed is not None:
             g.rng.manual_seed(seed)
+        if history is not None:
+            g.history = history
         saved = (g.gen, g.heal_active)
         if group_size is not None:
             g.gen = dataclasses.replace(g.gen, group_size=group_size)
@@ -101,10 +93,11 @@ class GeneratorWorker:
             seconds = time.perf_counter() - t0
         finally:
             g.gen, g.heal_active = saved
-        errors = score(trajs, problems, len(trajs) // max(len(prompts), 1), self.reward_fn) if problems else 0
+        scored = score(trajs, problems, len(trajs) // max(len(prompts), 1), self.scorer) if problems else {}
         self.batches += 1
         peak = g.stats.get("peak_cache_bytes", 0)
-        return trajs, rollout_stats(trajs, seconds, peak) | {"gen/score_errors": float(errors)}
+        stats = rollout_stats(trajs, seconds, peak) | scored
+        return trajs, stats | {ACCEPTED_KEY: accepted_uncertainties(trajs)}
 
     def _maybe_fail(self) -> None:
         """Fault injection (run.fault.*) for reliability tests: exit the actor process."""
@@ -116,12 +109,6 @@ class GeneratorWorker:
 
     def policy_version(self) -> int:
         return self.generator.policy_version
-
-    def get_history(self) -> UncertaintyHistory:
-        return self.generator.history
-
-    def set_history(self, history: UncertaintyHistory) -> None:
-        self.generator.history = history
 
     def stats(self) -> dict:
         return dict(self.generator.stats)

@@ -4,10 +4,13 @@ gathers the results.
 - Placement: one bundle per actor ({CPU, GPU} from `resources`) in a placement group, refused
   with a clear line if the cluster cannot hold it (never pending forever).
 - Sharding: whole prompt groups go to one actor (thresholds and advantages are group-relative).
+- Threshold history: the group owns the run's one history and sends it with every call; a
+  training step's accepted segments, pooled over all actors, are folded in once
+  (`update_history=True`), so N actors hold exactly what one actor that saw every segment would.
 - Faults: an actor that dies mid-rollout is restarted by Ray (`max_restarts`); the group reloads
-  the current weights and the pooled threshold history into it and regenerates exactly the lost
-  shard with the same seed, so every prompt is generated once and only once per step, and the
-  regenerated shard is the one the dead actor would have returned.
+  the current weights into it and regenerates exactly the lost shard with the same seed (and the
+  same history), so every prompt is generated once and only once per step, and the regenerated
+  shard is the one the dead actor would have returned.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.generator_actor import make_generator_actor
-from actors.rollout_stats import merge_stats
+from actors.rollout_stats import ACCEPTED_KEY, merge_stats
 from e3rl.config import Config
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.placement import reserve_bundles
@@ -57,7 +60,7 @@ class GeneratorGroup:
             for i in range(r.num_generators)
         ]
         self._weights: tuple[Any, int] | None = None
-        self._history: dict = {}  # the pooled threshold history every actor holds (after merge/set)
+        self.history = UncertaintyHistory(decay=cfg.heal.history_decay)
         self.recovered_shards = 0
 
     def load_weights(self, weights_ref: Any, version: int) -> None:
@@ -67,8 +70,12 @@ class GeneratorGroup:
 
     def generate(self, problems: Sequence[Problem], prompts: Sequence[list[int]], group_ids: Sequence[int],
                  group_size: Optional[int] = None, heal: Optional[bool] = None,
-                 seed: Optional[int] = None) -> tuple[list, dict[str, float]]:
-        """-> (one trajectory-list ref per non-empty shard, merged stats). Payloads stay in the store."""
+                 seed: Optional[int] = None, update_history: bool = False) -> tuple[list, dict[str, float]]:
+        """-> (one trajectory-list ref per non-empty shard, merged stats). Payloads stay in the store.
+
+        `update_history`: a training step folds its accepted segments into the threshold history;
+        evaluation leaves it alone (held-out problems never shape training thresholds).
+        """
         shards = shard(len(problems), len(self.actors))
         calls = {}
         for i, s in enumerate(shards):
@@ -89,11 +96,14 @@ class GeneratorGroup:
                     self._revive(i)
                     traj_ref, stats_ref = self._submit(i, shards[i], problems, prompts, group_ids, group_size, heal,
                                                        seed)
+        accepted = [u for s in stats for u in s.pop(ACCEPTED_KEY, [])]
+        if update_history:
+            self.history = self.history.update(accepted)
         return refs, merge_stats(stats) | {"gen/recovered_shards": float(self.recovered_shards)}
 
     def _revive(self, i: int, timeout_s: float = 300.0) -> None:
         """Wait until Ray has restarted actor i (calls fail with ActorUnavailableError meanwhile), then
-        give it the current weights and pooled threshold history: the state the dead one had."""
+        give it the current weights: the state the dead one had (the history comes with each call)."""
         a, deadline = self.actors[i], time.monotonic() + timeout_s
         while True:
             try:
@@ -105,34 +115,12 @@ class GeneratorGroup:
                 time.sleep(0.2)
         if self._weights is not None:
             ray.get(a.load_weights.remote(*self._weights))
-        if self._history:
-            ray.get(a.set_history.remote(UncertaintyHistory(**self._history)))
 
     def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, seed):
         a = self.actors[i]
         return a.generate.remote([prompts[j] for j in s], [group_ids[j] for j in s], [problems[j].uid for j in s],
                                  [problems[j] for j in s], group_size, heal,
-                                 None if seed is None else seed * 1009 + i)
-
-    def merge_histories(self) -> dict:
-        """Pool the actors' threshold histories and give every actor the pooled one."""
-        hs = ray.get([a.get_history.remote() for a in self.actors])
-        merged = UncertaintyHistory.merge(hs)
-        ray.get([a.set_history.remote(merged) for a in self.actors])
-        self._history = {"mean": merged.mean, "var": merged.var, "count": merged.count, "decay": merged.decay}
-        return dict(self._history)
-
-    def set_history(self, h: dict) -> None:
-        if h:
-            self._history = dict(h)
-            ray.get([a.set_history.remote(UncertaintyHistory(**h)) for a in self.actors])
-
-    def histories(self) -> list:
-        """Each actor's threshold history (to put back after an evaluation: see `restore_histories`)."""
-        return ray.get([a.get_history.remote() for a in self.actors])
-
-    def restore_histories(self, hs: list) -> None:
-        ray.get([a.set_history.remote(h) for a, h in zip(self.actors, hs)])
+                                 None if seed is None else seed * 1009 + i, self.history)
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -6,13 +6,14 @@ import math
 from collections import Counter
 from typing import Sequence
 
+from e3rl.core.threshold import accepted_mask
 from e3rl.core.trajectory import Trajectory
 
 # segment means and the count each is taken over (merged weighted by it; plotted only where it is > 0)
 MEAN_COUNTS = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
                 "e3rl/threshold_mean": "e3rl/segments_judged"}
 _SUMMED = ("gen/samples", "gen/tokens_produced", "gen/tokens_kept", "gen/forward_tokens", "e3rl/compactions",
-           "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged")
+           "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged", "reward/timeouts", "reward/errors")
 _MAXED = ("gen/seconds", "gen/peak_kv_bytes")
 
 
@@ -76,4 +77,18 @@ def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
             out[key] = sum(p.get(key, 0.0) * p.get("gen/samples", 0.0) for p in parts) / total
     if parts:
         out["gen/tokens_per_s"] = out["gen/tokens_produced"] / max(out["gen/seconds"], 1e-9)
+    return out
+
+
+ACCEPTED_KEY = "accepted_uncertainty"
+"""Stats key of the accepted segments' U (a list, not a metric): the driver pops it to update the
+threshold history once per training step, pooled over all generators."""
+
+
+def accepted_uncertainties(trajs: Sequence[Trajectory]) -> list[float]:
+    """U of every segment the threshold accepted (`accepted_mask`), in trajectory order."""
+    out: list[float] = []
+    for t in trajs:
+        s = t.segments
+        out += s.uncertainty[accepted_mask(s.uncertainty, s.threshold, s.erased)].tolist()
     return out

@@ -88,7 +88,16 @@ class RewardConfig:
     fn: str = "auto"
     """`auto` (gym scorer for gym tasks, math-verify otherwise), `math_verify`, or `module:function`."""
     format_weight: float = 0.0
-    """Weight of the optional format reward (well-formed final answer) added to correctness."""
+    """Weight of the optional format reward (one complete box) added to the training reward.
+    Shaping only: never counted as correct."""
+    partial_weight: float = 0.0
+    """Weight of a reasoning-gym scorer's partial credit for a wrong answer (in [0, 1)) added to
+    the training reward. Shaping only: never counted as correct."""
+    timeout_s: float = 5.0
+    """Hard time limit per response: past it the response scores 0, is counted (`reward/timeouts`)
+    and the worker process scoring it is killed."""
+    workers: int = 1
+    """Reward worker processes per generator actor (scoring never runs in the actor itself)."""
 
 
 @dataclass(frozen=True)
@@ -142,9 +151,12 @@ class HealConfig:
     history_weight: float = 0.5
     """Blend of the run-history threshold (EMA of accepted segments) into the group threshold."""
     history_decay: float = 0.95
-    """EMA decay of the accepted-segment uncertainty history."""
+    """EMA decay of the accepted-segment uncertainty history, per training step."""
     min_peers: int = 2
-    """Group peers needed to trust group statistics; fewer -> history only."""
+    """Group samples (the judged one included) needed to trust group statistics; fewer -> history only."""
+    spread_prior: float = 8.0
+    """Pseudo-peers the history's variance counts for in the group spread: the floor that keeps a
+    two-sample group usable (see docs/method.md §4)."""
     max_erases_per_segment: int = 2
     """Budget: erasures of one segment position."""
     max_erases_per_traj: int = 5
@@ -269,8 +281,9 @@ class RunConfig:
     eval_group_size: int = 4
     """Samples per held-out problem (Avg@k, Pass@k)."""
     eval_heal: Literal["auto", "heal", "plain"] = "auto"
-    """Sampling for evaluation: `auto` = as in training, `heal` = self-healing, `plain` = plain sampling
-    (measures the policy alone: method comparisons)."""
+    """Evaluation always measures the plain policy (`eval/accuracy`: comparable across methods); it
+    also measures test-time self-healing (`eval/accuracy_healed`, `eval_healed/…`) with `heal`, or
+    with `auto` when training heals. `plain`: the plain policy only (half the evaluation time)."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
@@ -316,7 +329,7 @@ class Config:
 
     @property
     def eval_heal_active(self) -> bool:
-        """Self-healing while evaluating: as in training unless `run.eval_heal` says heal / plain."""
+        """Evaluate with test-time self-healing too: as in training unless `run.eval_heal` says heal / plain."""
         return self.heal_active if self.run.eval_heal == "auto" else self.run.eval_heal == "heal"
 
     @property
@@ -358,35 +371,46 @@ def _validate(c: Config) -> None:
     _check(m.path != "random" or "model_type" in m.random_init, "model.random_init",
            "`path: random` needs a transformers config with `model_type`", "add model.random_init.model_type=qwen3")
     _check(m.init_std >= 0, "model.init_std", f"must be >= 0, got {m.init_std}", "use 0 for the default init")
-    _check(d.train_size >= 0 and d.eval_size >= 0, "data.train_size", "sizes must be >= 0", "use 0 for all rows")
+    _check(d.train_size >= 0, "data.train_size", f"must be >= 0, got {d.train_size}", "use 0 for all rows")
+    _check(d.eval_size >= 0, "data.eval_size", f"must be >= 0, got {d.eval_size}", "use 0 for all rows")
     _check(not d.train.startswith("gym:") or d.train_size > 0, "data.train_size",
            "gym tasks are generated and need a size", "set data.train_size, e.g. 2000")
     _check(d.difficulty_min <= d.difficulty_max, "data.difficulty_min",
            f"{d.difficulty_min} > difficulty_max {d.difficulty_max}", "make the range non-empty")
     _check(d.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0", "e.g. 1024")
-    _check(g.group_size >= 1, "gen.group_size", f"must be >= 1, got {g.group_size}", "use 8 (GRPO needs >= 2)")
+    _check(g.group_size >= 2, "gen.group_size", f"must be >= 2, got {g.group_size} (a lone sample has no group to "
+           "compare with: its advantage is always 0)", "use 8; eval samples per problem are run.eval_group_size")
     _check(g.max_new_tokens >= 1, "gen.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}", "e.g. 256")
     _check(g.max_stream_tokens == 0 or g.max_stream_tokens >= g.max_new_tokens, "gen.max_stream_tokens",
            f"{g.max_stream_tokens} < max_new_tokens {g.max_new_tokens}", "use 0 (= 2 x max_new_tokens) or a larger cap")
     _check(g.temperature >= 0, "gen.temperature", f"must be >= 0, got {g.temperature}", "0 = greedy, 1 = plain sampling")
     _check(0 < g.top_p <= 1, "gen.top_p", f"must be in (0, 1], got {g.top_p}", "1 disables nucleus sampling")
-    _check(g.top_k >= 0 and g.rows_per_forward >= 0, "gen.top_k", "must be >= 0", "0 disables it")
+    _check(g.top_k >= 0, "gen.top_k", f"must be >= 0, got {g.top_k}", "0 disables it")
+    _check(g.rows_per_forward >= 0, "gen.rows_per_forward", f"must be >= 0, got {g.rows_per_forward}",
+           "0 = all rows of the shard")
     _check(all(isinstance(s, str) and s for s in g.stop), "gen.stop", "stop strings must be non-empty strings",
            "e.g. gen.stop=['</answer>']")
     _check(h.segment_tokens >= 1, "heal.segment_tokens", f"must be >= 1, got {h.segment_tokens}", "paper: 512")
-    _check(1 <= h.min_segment_tokens <= h.max_segment_tokens, "heal.min_segment_tokens",
-           f"need 1 <= min ({h.min_segment_tokens}) <= max ({h.max_segment_tokens})", "raise heal.max_segment_tokens")
+    _check(h.min_segment_tokens >= 1, "heal.min_segment_tokens", f"must be >= 1, got {h.min_segment_tokens}", "e.g. 4")
+    _check(h.max_segment_tokens >= h.min_segment_tokens, "heal.max_segment_tokens",
+           f"{h.max_segment_tokens} < min_segment_tokens {h.min_segment_tokens}", "raise it or lower heal.min_segment_tokens")
     _check(h.smooth_window >= 1, "heal.smooth_window", "must be >= 1", "e.g. 4")
-    _check(min(h.w_mean, h.w_peak, h.w_delta) >= 0 and h.w_mean + h.w_peak + h.w_delta > 0, "heal.w_mean",
-           "uncertainty weights must be >= 0 and not all 0", "e.g. w_mean=1 w_peak=0.5 w_delta=0.5")
+    _check(h.w_mean >= 0, "heal.w_mean", f"must be >= 0, got {h.w_mean}", "e.g. 1.0")
+    _check(h.w_peak >= 0, "heal.w_peak", f"must be >= 0, got {h.w_peak}", "e.g. 0.5")
+    _check(h.w_delta >= 0, "heal.w_delta", f"must be >= 0, got {h.w_delta}", "e.g. 0.5")
+    _check(h.w_mean + h.w_peak + h.w_delta > 0, "heal.w_mean", "w_mean, w_peak and w_delta are all 0",
+           "give at least one uncertainty weight, e.g. w_mean=1 w_peak=0.5 w_delta=0.5")
     _check(h.threshold_k >= 0, "heal.threshold_k", "must be >= 0", "e.g. 1.0")
     _check(h.penalty_base > 1, "heal.penalty_base", f"must be > 1 so the penalty grows, got {h.penalty_base}", "e.g. 2.0")
     _check(h.penalty_scale >= 0, "heal.penalty_scale", "must be >= 0", "e.g. 0.5")
     _check(0 <= h.history_weight <= 1, "heal.history_weight", "must be in [0, 1]", "e.g. 0.5")
     _check(0 <= h.history_decay < 1, "heal.history_decay", "must be in [0, 1)", "e.g. 0.95")
+    _check(h.spread_prior >= 0, "heal.spread_prior", f"must be >= 0, got {h.spread_prior}", "e.g. 8")
     _check(h.min_peers >= 1, "heal.min_peers", "must be >= 1", "e.g. 2")
-    _check(h.max_erases_per_segment >= 0 and h.max_erases_per_traj >= 0, "heal.max_erases_per_traj",
-           "budgets must be >= 0", "paper: 5 per trajectory")
+    _check(h.max_erases_per_segment >= 0, "heal.max_erases_per_segment", f"must be >= 0, got {h.max_erases_per_segment}",
+           "e.g. 2")
+    _check(h.max_erases_per_traj >= 0, "heal.max_erases_per_traj", f"must be >= 0, got {h.max_erases_per_traj}",
+           "paper: 5 per trajectory")
     _check(0 < h.compact_fraction <= 1, "heal.compact_fraction", "must be in (0, 1]", "e.g. 0.5")
     _check(0 <= a.alloc_mix <= 1, "algo.alloc_mix", f"must be in [0, 1], got {a.alloc_mix}", "1 = allocator only")
     _check(a.answer_tokens >= 1, "algo.answer_tokens", "must be >= 1", "e.g. 16")
@@ -394,17 +418,23 @@ def _validate(c: Config) -> None:
     _check(0 <= a.clip_low < 1, "algo.clip_low", f"must be in [0, 1), got {a.clip_low}", "e.g. 0.2")
     _check(a.clip_high >= 0, "algo.clip_high", f"must be >= 0, got {a.clip_high}", "e.g. 0.28 (clip-higher)")
     _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", "0 disables the reference model")
-    _check(a.prompts_per_step >= 1 and a.updates_per_batch >= 1, "algo.prompts_per_step", "must be >= 1", "e.g. 4")
+    _check(a.prompts_per_step >= 1, "algo.prompts_per_step", f"must be >= 1, got {a.prompts_per_step}", "e.g. 4")
+    _check(a.updates_per_batch >= 1, "algo.updates_per_batch", f"must be >= 1, got {a.updates_per_batch}",
+           "1 = strictly on-policy")
     _check(l.num_workers >= 1, "learner.num_workers", "must be >= 1", "e.g. 2")
     _check(l.lr > 0, "learner.lr", f"must be > 0, got {l.lr}", "e.g. 1e-6")
-    _check(len(l.betas) == 2 and all(0 <= b < 1 for b in l.betas), "learner.betas", "need two values in [0, 1)",
-           "e.g. [0.9, 0.999]")
+    _check(len(l.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in l.betas), "learner.betas",
+           f"need two numbers in [0, 1), got {list(l.betas)}", "e.g. [0.9, 0.999]")
     _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1", "e.g. 4")
     _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0-3, got {l.zero_stage}", "use 3")
     _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0", "e.g. 1.0")
     _check(r.num_generators >= 1, "resources.num_generators", "must be >= 1", "e.g. 1")
-    _check(min(r.gpus_per_generator, r.gpus_per_learner, r.cpus_per_generator, r.cpus_per_learner) >= 0,
-           "resources.gpus_per_generator", "resource amounts must be >= 0", "use 0 for none")
+    _check(r.gpus_per_generator >= 0, "resources.gpus_per_generator", f"must be >= 0, got {r.gpus_per_generator}",
+           "use 0 for none")
+    _check(r.gpus_per_learner >= 0, "resources.gpus_per_learner", f"must be >= 0, got {r.gpus_per_learner}", "use 0 for none")
+    _check(r.cpus_per_generator >= 0, "resources.cpus_per_generator", f"must be >= 0, got {r.cpus_per_generator}",
+           "use 0 for none")
+    _check(r.cpus_per_learner >= 0, "resources.cpus_per_learner", f"must be >= 0, got {r.cpus_per_learner}", "use 0 for none")
     _check(r.torch_threads >= 0, "resources.torch_threads", "must be >= 0", "0 = all cores")
     _check(r.connect_timeout_s > 0, "resources.connect_timeout_s", "must be > 0", "e.g. 20")
     _check(run.steps >= 0, "run.steps", "must be >= 0", "e.g. 10")
@@ -413,8 +443,14 @@ def _validate(c: Config) -> None:
     _check(run.max_staleness >= 0, "run.max_staleness", "must be >= 0", "0 = on-policy")
     _check(run.max_skipped_steps >= 0, "run.max_skipped_steps", "must be >= 0", "0 = never stop, e.g. 3")
     _check(run.eval_group_size >= 1, "run.eval_group_size", "must be >= 1", "e.g. 4")
-    _check(run.trace_every >= 0 and run.trace_samples >= 0, "run.trace_every", "must be >= 0", "0 turns traces off")
+    _check(run.trace_every >= 0, "run.trace_every", f"must be >= 0, got {run.trace_every}", "0 turns traces off")
+    _check(run.trace_samples >= 0, "run.trace_samples", f"must be >= 0, got {run.trace_samples}", "e.g. 16")
     _check(0 <= run.fault.generator_die_prob <= 1, "run.fault.generator_die_prob", "must be in [0, 1]", "0 = off")
+    _check(0 <= c.reward.partial_weight < 1, "reward.partial_weight",
+           f"must be in [0, 1) so partial credit earns less than a correct answer, got {c.reward.partial_weight}",
+           "0 = off, e.g. 0.1")
+    _check(c.reward.timeout_s > 0, "reward.timeout_s", f"must be > 0, got {c.reward.timeout_s}", "e.g. 5.0")
+    _check(c.reward.workers >= 1, "reward.workers", f"must be >= 1, got {c.reward.workers}", "e.g. 1")
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -28,17 +28,9 @@ def default_ks(k: int) -> list[int]:
 def evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed: int = 0) -> dict[str, Any]:
     """-> {"<set>": {"avg@k": .., "pass@1": .., ..., "rewinds_per_sample": ..}, ...}.
 
-    Held-out problems never leak into training: the generators' threshold histories (which
-    healing updates with every kept segment) are put back as they were before the evaluation.
+    Held-out problems never leak into training: evaluation does not update the generators'
+    threshold history (only training steps do).
     """
-    saved = generators.histories()
-    try:
-        return _evaluate(generators, sets, k, heal, seed)
-    finally:
-        generators.restore_histories(saved)
-
-
-def _evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for es in sets:
         if not es.problems:
@@ -46,7 +38,7 @@ def _evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed
         groups = [EVAL_GROUP_BASE + i for i in range(len(es.problems))]
         refs, stats = generators.generate(es.problems, es.prompts, groups, group_size=k, heal=heal, seed=seed)
         trajs = [t for part in ray.get(refs) for t in part]
-        per_problem = [[t.reward for t in trajs[i * k:(i + 1) * k]] for i in range(len(es.problems))]
+        per_problem = [[float(t.correct) for t in trajs[i * k:(i + 1) * k]] for i in range(len(es.problems))]
         metrics = aggregate([(es.name, scores) for scores in per_problem], default_ks(k))[es.name]
         metrics |= {"rewinds_per_sample": stats["e3rl/rewinds_per_sample"], "samples": stats["gen/samples"],
                     "kept_len_mean": stats["gen/kept_len_mean"]}

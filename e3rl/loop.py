@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import ray
@@ -72,7 +72,8 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
         with t("data"):
             problems, prompts, groups = hooks.next_batch(state.step)
         with t("generate"):
-            refs, gen = roles.generators.generate(problems, prompts, groups, seed=seed * 100_003 + state.step)
+            refs, gen = roles.generators.generate(problems, prompts, groups, seed=seed * 100_003 + state.step,
+                                                  update_history=True)
         with t("buffer"):
             ray.get(roles.buffer.put.remote(refs, state.version, int(gen["gen/samples"])))
             item = ray.get(roles.buffer.get.remote(state.version))
@@ -80,7 +81,7 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
             learn = roles.learner.train_step(item.refs)
         with t("sync"):
             state.version = sync_weights(roles)
-            state.history = roles.generators.merge_histories()
+        state.history = asdict(roles.generators.history)
         state.step += 1
         state.samples += int(gen["gen/samples"])
         hooks.trace(state.step, item.refs)

@@ -24,7 +24,8 @@ RAY_GAUGES = {
     "time/generate_s": "seconds spent generating in the step",
     "time/train_s": "seconds spent in the learner step",
     "time/sync_s": "seconds spent broadcasting weights",
-    "eval/accuracy": "held-out accuracy (sampled)",
+    "eval/accuracy": "held-out accuracy of the plain policy (sampled)",
+    "eval/accuracy_healed": "held-out accuracy with test-time self-healing (sampled)",
 }
 
 

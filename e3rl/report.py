@@ -63,6 +63,7 @@ def reward_figure(steps: list[dict], evals: list[dict]) -> str:
     return _figure("Reward and held-out accuracy", "mean reward / accuracy", [
         ("training reward", *_series(steps, "gen/reward_mean"), "o-"),
         ("held-out accuracy (Avg@k)", *_series(evals, "eval/accuracy"), "s--"),
+        ("held-out accuracy, healed at test time", *_series(evals, "eval/accuracy_healed"), "d:"),
     ])
 
 
@@ -183,7 +184,10 @@ background:#eee}.meta{color:#666;font-size:.85em}.legend span{padding:0 6px}"""
 def _summary_table(summary: dict) -> str:
     keys = [("steps", "steps"), ("samples", "samples"), ("reward_first", "reward (first step)"),
             ("reward_last", "reward (last step)"), ("accuracy_before", "held-out accuracy before"),
-            ("accuracy_after", "held-out accuracy after"), ("rewinds_per_sample", "rewinds / sample"),
+            ("accuracy_after", "held-out accuracy after"),
+            ("accuracy_healed_before", "held-out accuracy before, healed at test time"),
+            ("accuracy_healed_after", "held-out accuracy after, healed at test time"),
+            ("rewinds_per_sample", "rewinds / sample"),
             ("tokens_per_sample", "generated tokens / sample"), ("samples_per_s", "samples / s"),
             ("peak_kv_bytes", "peak KV cache (MB)"), ("wall_s", "wall time (s)")]
     rows = []

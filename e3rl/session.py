@@ -12,6 +12,7 @@ from typing import Any
 
 from e3rl import rundir
 from e3rl.config import Config
+from e3rl.core.threshold import UncertaintyHistory
 from e3rl.core.passk import flatten
 from e3rl.data import encode_prompts, load_workload
 from e3rl.evaluation import EvalSet, evaluate, headline
@@ -45,7 +46,8 @@ def _resume(cfg: Config, roles: Roles, out: Path, stream: PromptStream) -> LoopS
     state = LoopState(step=int(meta["step"]), version=int(meta["version"]), samples=int(meta.get("samples", 0)),
                       cursor=meta.get("cursor", {}), history=meta.get("history", {}))
     stream.load_state(state.cursor)
-    roles.generators.set_history(state.history)
+    if state.history:
+        roles.generators.history = UncertaintyHistory(**state.history)
     log.info("resumed from step %d (policy version %d)", state.step, state.version)
     return state
 
@@ -75,8 +77,14 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     k = cfg.run.eval_group_size
 
     def run_eval(step: int) -> dict[str, float]:
-        res = evaluate(roles.generators, eval_sets, k, heal=cfg.eval_heal_active, seed=cfg.run.seed + 7)
-        return flatten(res) | {"eval/accuracy": headline(res, k)}
+        """The plain policy's accuracy (`eval/…`, comparable across methods) and, where healing
+        applies at test time, the healed accuracy under its own names (`eval_healed/…`)."""
+        plain = evaluate(roles.generators, eval_sets, k, heal=False, seed=cfg.run.seed + 7)
+        out = flatten(plain) | {"eval/accuracy": headline(plain, k)}
+        if cfg.eval_heal_active:
+            healed = evaluate(roles.generators, eval_sets, k, heal=True, seed=cfg.run.seed + 7)
+            out |= flatten(healed, prefix="eval_healed") | {"eval/accuracy_healed": headline(healed, k)}
+        return out
 
     def next_batch(step: int) -> tuple[list, list, list]:
         problems = stream.next_batch()
@@ -135,8 +143,10 @@ def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step:
         "reward_last5_mean": sum(r["gen/reward_mean"] for r in steps[-5:]) / max(len(steps[-5:]), 1),
         "accuracy_before": before.get("eval/accuracy", float("nan")),
         "accuracy_after": after.get("eval/accuracy", float("nan")),
-        "eval_before": {k: v for k, v in before.items() if k.startswith("eval/")},
-        "eval_after": {k: v for k, v in after.items() if k.startswith("eval/")},
+        **({"accuracy_healed_before": before.get("eval/accuracy_healed", float("nan")),
+            "accuracy_healed_after": after.get("eval/accuracy_healed", float("nan"))} if cfg.eval_heal_active else {}),
+        "eval_before": {k: v for k, v in before.items() if k.startswith(("eval/", "eval_healed/"))},
+        "eval_after": {k: v for k, v in after.items() if k.startswith(("eval/", "eval_healed/"))},
         "eval_samples_per_problem": cfg.run.eval_group_size,
         "rewinds_per_sample": sum(r.get("e3rl/rewinds_per_sample", 0.0) for r in steps) / max(len(steps), 1),
         "gen_tokens_per_s": sum(r.get("gen/tokens_produced", 0.0) for r in steps) / max(gen_s, 1e-9),

@@ -1,15 +1,24 @@
-"""The segment-level adaptive dynamic threshold, and the erase decision with its budgets.
+"""The segment-level adaptive dynamic threshold, the run's uncertainty history, and the erase
+decision with its budgets.
 
-For segment n of sample i in a group of G samples of one prompt:
+For segment n of sample i in a group of G samples of one prompt, with the U_n of the n_o *other*
+samples that have closed segment n (leave-one-out: a sample is never its own reference) and the
+run history H (mean m_H, variance v_H of accepted segments' U, an EMA over training steps):
 
-  tau_group = mean_P(U_n) + k * std_P(U_n)       over the P peers that have closed segment n
-  tau_hist  = m_ema + k * sqrt(v_ema)            EMA of *accepted* segments' U over the run
-  tau_base  = (1 - h) * tau_group + h * tau_hist (group only / history only when one is missing)
-  tau_i     = tau_base + c * spread * (b ** e_i - 1)
+  center  = (1 - h) * mean(others) + h * m_H                     h = history_weight
+  s2      = (SS(others) + nu * v_H) / (n_o - 1 + nu)              nu = spread_prior (0 without H)
+  sd      = sqrt(s2 * (1 + (1 - h)^2 / n_o))                      spread of U_i - center
+  tau     = center + t_{n_o - 1 + nu}(k) * sd + c * spread * (b ** e_i - 1)
 
-where e_i is how often sample i already erased segment n, b > 1 (exponential penalty), and
-spread is the blended std (floored at 10% of |tau_base| so a group of identical peers still
-raises it). With neither peers nor history there is no reference: nothing is erased.
+t_df(k) is the Student-t quantile at the normal probability Phi(k), so that for i.i.d. segment
+uncertainties the first-attempt erase rate is the nominal 1 - Phi(k) at every peer count: the
+population z-score it replaces can never exceed sqrt(P - 1) (never above k = 1 with two peers),
+and a leave-one-out std of one remaining peer is 0 (half of all segments erased). The history's
+variance acts as `nu` pseudo-peers of spread, the floor that makes two-sample groups usable.
+With fewer than `min_peers` samples, tau = m_H + k * sqrt(v_H) (history alone); with one other
+sample and no history, or no reference at all, tau = inf (nothing is erased without a reference).
+e_i is how often sample i already erased segment n (b > 1: exponential penalty), and spread is sd
+floored at 10% of |tau| so a group of identical peers still raises the bar.
 
 The decision `U > tau` is further gated by budgets: erases of this segment < B_seg and erases of
 the trajectory < B_traj. Each erase consumes budget and each keep advances the stream, so a
@@ -20,7 +29,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional, Sequence
+from functools import lru_cache
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -32,11 +42,18 @@ class ThresholdParams:
     penalty_base: float = 2.0
     history_weight: float = 0.5
     min_peers: int = 2
+    spread_prior: float = 8.0
 
 
 @dataclass(frozen=True)
 class UncertaintyHistory:
-    """EMA of accepted-segment uncertainty (mean, variance): the run's memory of 'normal'."""
+    """The run's memory of 'normal' segment uncertainty: an EMA over training steps of the
+    distribution (mean, variance) of accepted segments' U, and how many segments it has seen.
+
+    One `update` per training step with every accepted segment of that step, pooled over all
+    generators: the result depends neither on how the segments were split across generators nor
+    on the order rows closed them (exactly rounded sums), and `count` grows by the step's segments.
+    """
 
     mean: float = 0.0
     var: float = 0.0
@@ -44,55 +61,77 @@ class UncertaintyHistory:
     decay: float = 0.95
 
     def update(self, values: Iterable[float]) -> "UncertaintyHistory":
-        m, v, n = self.mean, self.var, self.count
-        for x in values:
-            if not math.isfinite(x):
-                continue
-            if n == 0:
-                m, v = x, 0.0
-            else:
-                d = x - m
-                m = m + (1 - self.decay) * d
-                v = self.decay * (v + (1 - self.decay) * d * d)
-            n += 1
-        return replace(self, mean=m, var=v, count=n)
-
-    @staticmethod
-    def merge(histories: Sequence["UncertaintyHistory"]) -> "UncertaintyHistory":
-        """Count-weighted pooling of several generators' histories (mixture mean and variance)."""
-        live = [h for h in histories if h.count > 0]
-        if not live:
-            return histories[0] if histories else UncertaintyHistory()
-        n = sum(h.count for h in live)
-        m = sum(h.mean * h.count for h in live) / n
-        v = sum((h.var + (h.mean - m) ** 2) * h.count for h in live) / n
-        return replace(live[0], mean=m, var=v, count=n)
+        """Fold one training step's accepted-segment uncertainties in (weight 1 - decay)."""
+        xs = [float(x) for x in values if math.isfinite(x)]
+        if not xs:
+            return self
+        n = len(xs)
+        m_t = math.fsum(xs) / n
+        v_t = math.fsum((x - m_t) ** 2 for x in xs) / n
+        if self.count == 0:
+            return replace(self, mean=m_t, var=v_t, count=n)
+        d = self.decay
+        m = d * self.mean + (1 - d) * m_t  # mixture of the old history (d) and this step (1 - d)
+        v = d * (self.var + (self.mean - m) ** 2) + (1 - d) * (v_t + (m_t - m) ** 2)
+        return replace(self, mean=m, var=v, count=self.count + n)
 
 
-def segment_threshold(
-    peer_u: torch.Tensor, erase_count: int, history: UncertaintyHistory, p: ThresholdParams
-) -> float:
-    """tau for one sample's segment n. peer_u: [P] U_n of the group's samples that closed n."""
-    peer_u = peer_u.float()
-    peer_u = peer_u[torch.isfinite(peer_u)]
-    group = None
-    if peer_u.numel() >= p.min_peers:
-        sd = float(peer_u.std(unbiased=False))
-        group = (float(peer_u.mean()) + p.k * sd, sd)
-    hist = None
-    if history.count > 0:
-        sd = math.sqrt(max(history.var, 0.0))
-        hist = (history.mean + p.k * sd, sd)
-    if group is None and hist is None:
-        return math.inf
-    if group is None or hist is None:
-        base, spread = group or hist
+@lru_cache(maxsize=256)
+def t_quantile_at_normal(k: float, df: float) -> float:
+    """Student-t quantile with `df` (> 0, may be fractional) degrees of freedom at probability Phi(k).
+
+    Bisection on the t CDF, integrated by Simpson's rule in float64 (error < 1e-8 here): cached,
+    since k is fixed per run and df takes a handful of values; keeps the core free of scipy.
+    """
+    if df <= 0:
+        raise ValueError(f"t_quantile_at_normal: df must be > 0, got {df}")
+    if k == 0:
+        return 0.0
+    target = 0.5 * math.erf(abs(k) / math.sqrt(2))  # Phi(|k|) - 1/2 = mass of the t pdf on [0, t]
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def mass(t: float) -> float:
+        x = torch.linspace(0.0, t, 4001, dtype=torch.float64)
+        pdf = torch.exp(log_c - (df + 1) / 2 * torch.log1p(x * x / df))
+        w = torch.ones_like(x)
+        w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+        return float((w * pdf).sum()) * t / 12000.0  # Simpson: h / 3 with h = t / 4000
+
+    lo, hi = 0.0, max(abs(k), 1.0)
+    while mass(hi) < target:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mass(mid) < target else (lo, mid)
+    return math.copysign(0.5 * (lo + hi), k)
+
+
+def segment_threshold(others_u: torch.Tensor, erase_count: int, history: UncertaintyHistory,
+                      p: ThresholdParams) -> float:
+    """tau for one sample's segment n. others_u: [n_o] U_n of the *other* group samples that closed n."""
+    others = others_u.double()
+    others = others[torch.isfinite(others)]
+    n_o = others.numel() if others.numel() + 1 >= p.min_peers else 0
+    has_hist = history.count > 0
+    if n_o == 0:
+        if not has_hist:
+            return math.inf
+        center, sd, k = history.mean, math.sqrt(max(history.var, 0.0)), p.k
     else:
-        h = p.history_weight
-        base = (1 - h) * group[0] + h * hist[0]
-        spread = (1 - h) * group[1] + h * hist[1]
-    spread = max(spread, 0.1 * abs(base), 1e-3)
-    return base + p.penalty_scale * spread * (p.penalty_base ** erase_count - 1)
+        nu = p.spread_prior if has_hist else 0.0
+        df = n_o - 1 + nu
+        if df <= 0:
+            return math.inf  # one other sample and no history: no spread to judge against
+        m = float(others.mean())
+        ss = float(((others - m) ** 2).sum())
+        s2 = (ss + nu * max(history.var, 0.0)) / df
+        h = p.history_weight if has_hist else 0.0
+        center = (1 - h) * m + h * history.mean
+        sd = math.sqrt(s2 * (1 + (1 - h) ** 2 / n_o))
+        k = t_quantile_at_normal(p.k, df)
+    tau = center + k * sd
+    spread = max(sd, 0.1 * abs(tau), 1e-3)
+    return tau + p.penalty_scale * spread * (p.penalty_base ** erase_count - 1)
 
 
 def should_erase(
@@ -109,32 +148,43 @@ def should_erase(
 
 
 def simulate_erase_loop(
-    uncertainty_of: "callable",
+    uncertainty_of: Callable[[int, int], float],
     num_segments: int,
     history: UncertaintyHistory,
     p: ThresholdParams,
     max_per_segment: int,
     max_per_traj: int,
-    peers: Optional[torch.Tensor] = None,
+    others: Optional[torch.Tensor] = None,
 ) -> tuple[int, int]:
     """Reference single-trajectory erase loop (what the generator does per row).
 
-    `uncertainty_of(position, attempt)` yields the U of each attempt. Returns (closes, erases).
+    `uncertainty_of(position, attempt)` yields the U of each attempt; `others` are the U of the
+    other group samples at every position. Returns (closes, erases).
     """
     closes = erases = 0
     n = 0
     seg_erases = 0
+    peers = others if others is not None else torch.empty(0)
     while n < num_segments:
         u = float(uncertainty_of(n, seg_erases))
         closes += 1
-        tau = segment_threshold(peers if peers is not None else torch.tensor([u]), seg_erases, history, p)
+        tau = segment_threshold(peers, seg_erases, history, p)
         erase = should_erase(torch.tensor([u]), torch.tensor([tau]), torch.tensor([seg_erases]),
                              torch.tensor([erases]), max_per_segment, max_per_traj)
         if bool(erase):
             seg_erases += 1
             erases += 1
         else:
-            history = history.update([u])
             n += 1
             seg_erases = 0
     return closes, erases
+
+
+def accepted_mask(uncertainty: torch.Tensor, threshold: torch.Tensor, erased: torch.Tensor) -> torch.Tensor:
+    """Segments the history learns from: judged (finite threshold) and kept because they passed it.
+
+    Segments kept only because a budget ran out (U > tau), frozen at the stream cap or never
+    judged (tau = inf), and erased attempts are left out, so defects never raise 'normal'.
+    All inputs [S] -> bool [S].
+    """
+    return ~erased & torch.isfinite(threshold) & (uncertainty <= threshold)

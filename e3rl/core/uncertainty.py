@@ -1,12 +1,15 @@
 """Composite segment uncertainty: one number per closed segment, from its tokens' surprisal.
 
-U = w_mean * mean(s) + w_peak * max(movavg_w(s)) + w_delta * relu(mean(s) - prev) / prev
+U = w_mean * mean(s) + w_peak * max(movavg_w(s)) + w_delta * relu(mean(s) - prev) / (mean(s) + prev)
 
 - mean: the segment's average surprisal (its local cross-entropy);
 - peak: the maximum of the window-smoothed surprisal. A raw maximum is dominated by single rare
   tokens (a digit, a name) that are not defects; a run of w surprised tokens is;
 - delta: the relative *rise* over the previous kept segment's mean. A drop in uncertainty is
-  not evidence of a defect, so it is clipped at 0. The first segment has no delta.
+  not evidence of a defect, so it is clipped at 0. The first segment has no delta. It is relative
+  to the sum of the two means, so it lies in [0, 1]: a rise over `prev` alone is unbounded as
+  prev -> 0 (0.02 -> 0.6 would add 29 x w_delta), and since a regeneration inherits `prev`, such
+  a segment would be erased again and again until its budget ran out.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def uncertainty_components(s: torch.Tensor, prev_mean: Optional[float], window: 
     peak = float(moving_average(s, window).max())
     delta = 0.0
     if prev_mean is not None:
-        delta = max(0.0, mean - prev_mean) / max(prev_mean, 1e-6)
+        rise, scale = max(0.0, mean - prev_mean), mean + prev_mean
+        delta = rise / scale if scale > 0 else 0.0
     return mean, peak, delta
 
 

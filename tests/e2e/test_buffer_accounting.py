@@ -4,10 +4,14 @@ with GeneratorGroup, the object-store replay buffer and the ZeRO-3 LearnerGroup.
 On-policy means: every trajectory batch produced is trained on exactly once, at the policy version
 that generated it; nothing is left in the buffer. Then, with the same real trajectory refs,
 capacity and back-pressure: a full buffer makes the producer wait (nothing dropped), and a batch
-that became stale is refused by name, never silently dropped.
+that became stale is refused by name, never silently dropped. Two generators share the work, and
+the threshold history they are handed is exactly what one generator that saw every segment would
+hold: each step's accepted segments folded in once.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import pytest
 import ray
 
 from e3rl.config import load_config
+from e3rl.core.threshold import UncertaintyHistory
 from e3rl.data import encode_prompts, load_workload
 from e3rl.loop import Hooks, LoopState, Roles, train
 from e3rl.models import load_tokenizer
@@ -49,7 +54,7 @@ class _Recorder:
 def looped(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("buffer_run")
     cfg = load_config(REPO / "configs/tiny.yaml", [f"run.output_dir={out}", f"run.steps={STEPS}",
-                                                   "run.buffer_capacity=2"])
+                                                   "run.buffer_capacity=2", "resources.num_generators=2"])
     tok = load_tokenizer(cfg.model)
     work = load_workload(cfg, tok)
     stream = PromptStream(work.train, cfg.algo.prompts_per_step, seed=cfg.data.seed)
@@ -118,6 +123,21 @@ def test_every_trajectory_trained_exactly_once(looped):
         assert m["sync/policy_version"] == step and m["learner/version"] == step
         assert m["learner/logp_diff_mean"] < 1e-3
     assert looped["final_gen_version"] == STEPS  # generators serve the last published weights
+
+
+def test_threshold_history_pools_every_generator_once_per_step(looped):
+    """It once was merged by summing the generators' counts and handed back to each: x N per step."""
+    assert len(looped["trajs"][0]) == 2  # both generators produced a shard
+    expected, total = UncertaintyHistory(decay=looped["cfg"].heal.history_decay), 0
+    for shards in looped["trajs"]:
+        accepted = [u for shard in shards for t in shard
+                    for u, tau, erased in zip(t.segments.uncertainty.tolist(), t.segments.threshold.tolist(),
+                                              t.segments.erased.tolist())
+                    if not erased and math.isfinite(tau) and u <= tau]
+        expected, total = expected.update(accepted), total + len(accepted)
+    history = looped["state"].history
+    assert total > 0 and history["count"] == total
+    assert history == pytest.approx(asdict(expected))
 
 
 def test_capacity_backpressure_and_staleness_with_real_refs(looped):

@@ -110,6 +110,23 @@ def test_summary_and_metrics(runs):
     assert s["rewinds_per_sample"] == pytest.approx(sum(r["e3rl/rewinds_per_sample"] for r in rows) / 3)
 
 
+def test_eval_reports_plain_and_healed_accuracy_under_different_names(runs):
+    """`eval/accuracy` is always the plain policy (comparable with GRPO's); an E3RL run reports its
+    test-time-healed accuracy beside it as `eval/accuracy_healed` (it once healed `eval/accuracy`)."""
+    e3 = json.loads((runs["e3rl"] / "summary.json").read_text())
+    for when in ("before", "after"):
+        ev = e3[f"eval_{when}"]
+        assert ev["eval/gym:chain_sum/rewinds_per_sample"] == 0.0  # plain sampling
+        assert ev["eval/accuracy"] == e3[f"accuracy_{when}"]
+        assert ev["eval/accuracy_healed"] == e3[f"accuracy_healed_{when}"]
+    # healing forced aggressive; before training the 2 eval samples of a problem have no history to
+    # take a spread from (one peer each), after it they do
+    assert e3["eval_after"]["eval_healed/gym:chain_sum/rewinds_per_sample"] > 0.0
+    grpo = json.loads((runs["grpo"] / "summary.json").read_text())
+    assert "accuracy_healed_after" not in grpo and "eval/accuracy_healed" not in grpo["eval_after"]
+    assert grpo["eval_after"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0
+
+
 def test_run_dir_artifacts(runs):
     out = runs["e3rl"]
     import yaml

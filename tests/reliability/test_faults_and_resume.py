@@ -3,8 +3,9 @@ uninterrupted reference run of the same config and seed.
 
 - reference: 3 steps, 2 generator actors, a checkpoint every step, the `length_reward` test reward
   (non-zero advantages, so every step moves the weights);
-- generator fault: the same with `run.fault.generator_die_after=2` — each generator actor exits at
-  its third batch (held-out eval before training, step 1, then step 2): both die mid-rollout in step 2;
+- generator fault: the same with `run.fault.generator_die_after=3` — each generator actor exits at
+  its fourth batch (the held-out eval before training, plain then healed, step 1, then step 2):
+  both die mid-rollout in step 2;
 - one run interrupted three ways in a row: SIGTERM (finish the step, checkpoint, exit 0), then
   resumed and killed with SIGKILL after a checkpoint, then given a torn newer checkpoint (`latest`
   pointing at it) and resumed to the end.
@@ -113,7 +114,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("reliability_runs")
     t0 = time.time()
     ref, ref_log = start_run(base / "ref", *COMMON)
-    fault, fault_log = start_run(base / "fault", *COMMON, "run.fault.generator_die_after=2")
+    fault, fault_log = start_run(base / "fault", *COMMON, "run.fault.generator_die_after=3")
     out = base / "resumed"
     info: dict = {"base": base, "ref": base / "ref", "fault": base / "fault", "resumed": out}
 
