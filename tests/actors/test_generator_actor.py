@@ -1,6 +1,8 @@
 """The Ray shell: versioned weights by object-store reference, same output as the plain class."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from e3rl.models import load_model
 from tests.conftest import tiny_model_config
 
 ray = pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_actor_loads_versioned_weights_and_matches_plain_class(ray_session, tokenizer):
@@ -61,3 +64,37 @@ def test_actor_scores_rewards_and_overrides_group_size(ray_session, tokenizer):
     assert (stats["reward/accuracy"], stats["reward/errors"], stats["reward/timeouts"]) == (0.0, 0.0, 0.0)
     assert all(t.rewinds == 0 for t in trajs)  # heal=False override
     ray.kill(actor)
+
+
+def stalling_reward(response: str, problem) -> float:
+    """A reward that never finishes on one problem (like sympy expanding `(x+1)^{9999}`)."""
+    if problem.uid == "slow":
+        import time
+
+        time.sleep(3600)
+    return 0.0
+
+
+def test_a_stalled_reward_cannot_stall_the_step(ray_session, tokenizer):
+    """The actor's scoring has a hard per-response limit (`reward.timeout_s`, default 5 s): the step
+    returns, the stalled responses score 0 and are counted. It once scored in the actor itself, with
+    no limit: one such answer held the whole step."""
+    from actors.generator_actor import make_generator_actor
+    from e3rl.config import RewardConfig
+    from e3rl.tasks.base import Problem
+
+    cfg = Config(model=tiny_model_config(), gen=GenConfig(group_size=2, max_new_tokens=4),
+                 reward=RewardConfig(fn=f"{__name__}:stalling_reward"), resources=ResourcesConfig(torch_threads=1))
+    actor = make_generator_actor(cfg, num_cpus=0.5, seed=3,
+                                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    problems = [Problem("slow", "1+1", "2", "test"), Problem("fast", "2+2", "4", "test")]
+    prompts = [tokenizer.encode(p.prompt) for p in problems]
+    try:
+        trajs_ref, stats_ref = actor.generate.remote(prompts, [0, 1], ["slow", "fast"], problems)
+        ready, _ = ray.wait([stats_ref], timeout=150)  # 2 stalled responses x 5 s, plus start-up under load
+        assert ready, "the step did not finish: a stalled reward held it"
+        stats, trajs = ray.get(stats_ref), ray.get(trajs_ref)
+        assert stats["reward/timeouts"] == 2.0 and stats["reward/errors"] == 0.0
+        assert all(t.reward == 0.0 for t in trajs)
+    finally:
+        ray.kill(actor)
