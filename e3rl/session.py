@@ -12,8 +12,8 @@ from typing import Any
 
 from e3rl import rundir
 from e3rl.config import Config
-from e3rl.core.threshold import UncertaintyHistory
 from e3rl.core.passk import flatten
+from e3rl.core.threshold import UncertaintyHistory
 from e3rl.data import encode_prompts, load_workload
 from e3rl.evaluation import EvalSet, evaluate, headline
 from e3rl.loop import Hooks, LoopState, Roles, train
