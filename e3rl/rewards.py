@@ -34,7 +34,7 @@ from math_verify import parse, verify
 from pebble import ProcessPool
 
 from e3rl.tasks.base import Problem, count_boxed, extract_answer, last_boxed
-from e3rl.tasks.gym import gym_verdict, is_gym
+from e3rl.tasks.gym import gym_verdict, is_gym, score_gym
 
 if TYPE_CHECKING:
     from e3rl.config import RewardConfig
@@ -127,7 +127,7 @@ def problem_reward(response: str, problem: Problem) -> float:
     """The default correctness, 1.0 or 0.0: full credit from the task's own scorer for
     reasoning-gym problems (`gym_verdict`), math-verify otherwise."""
     if is_gym(problem):
-        return float(gym_verdict(problem, response)[0])
+        return score_gym(problem, response)
     return math_reward(response, problem.answer)
 
 
