@@ -98,6 +98,11 @@ class RewardConfig:
     and the worker process scoring it is killed."""
     workers: int = 1
     """Reward worker processes per generator actor (scoring never runs in the actor itself)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment (L_cache): a response longer than max_new_tokens - overlong_buffer
+    kept tokens loses reward linearly, reaching -overlong_penalty at max_new_tokens. 0 = off."""
+    overlong_penalty: float = 1.0
+    """Size of the overlong punishment at max_new_tokens (verl's `penalty_factor`)."""
 
 
 @dataclass(frozen=True)
@@ -183,20 +188,42 @@ class AlgoConfig:
     """Credit of erased segments: below their replacement by a margin, zero, or the same."""
     erased_margin: float = 0.5
     """Contrast margin, in units of |advantage|."""
-    loss: Literal["clip", "gspo"] = "clip"
-    """Token-level clipped ratio (PPO/GRPO/DAPO) or GSPO's sequence-level ratio."""
+    loss: Literal["clip", "gspo", "sapo"] = "clip"
+    """Token-level clipped ratio (PPO/GRPO/DAPO), GSPO's clipped sequence-level ratio, or SAPO's
+    soft sigmoid gate on the token ratio (no hard clip). Equations: docs/method.md §8."""
     clip_low: float = 0.2
     """Lower clip: ratio >= 1 - clip_low."""
     clip_high: float = 0.28
     """Upper clip (clip-higher, DAPO): ratio <= 1 + clip_high."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     """Aggregation: DAPO token mean, GRPO per-sequence mean, or Dr.GRPO sum / max length."""
+    sapo_tau_pos: float = 1.0
+    """SAPO gate temperature for tokens with a positive advantage (its paper's default)."""
+    sapo_tau_neg: float = 1.05
+    """SAPO gate temperature for negative advantages; larger = their off-policy gradients decay faster."""
     kl_coef: float = 0.0
     """k3 KL penalty to a frozen reference policy (0 = no reference model)."""
     prompts_per_step: int = 2
-    """Prompts per training step (x group_size samples)."""
-    updates_per_batch: int = 1
-    """Optimizer passes over each batch (1 = strictly on-policy)."""
+    """Prompts per training step (x group_size samples): verl `data.train_batch_size`."""
+    mini_batch_prompts: int = 0
+    """Prompts per optimizer step (verl `ppo_mini_batch_size`); the rollout batch is split into
+    prompts_per_step / mini_batch_prompts mini-batches. 0 = the whole batch (one step per epoch)."""
+    epochs: int = 1
+    """Passes over each rollout batch (verl `ppo_epochs`, OpenRLHF `max_epochs`, TRL `num_iterations`).
+    With more than one optimizer step per batch, old log-probs and advantages come from a no-grad
+    pass before the first step and stay frozen, so the ratio moves off 1 and the clip acts."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling: weight each token's loss by min(pi_old / pi_gen, tis_cap),
+    correcting for a generator whose numerics (or weights) differ from the learner's. 0 = off."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose samples are all correct or all wrong and refill the
+    batch with newly generated prompts, so every trained group carries a gradient."""
+    max_refill_rounds: int = 4
+    """Extra generation rounds per step for dynamic sampling; when they run out, the batch is topped
+    up with dropped groups (a logged fallback, `dynamic/fallback_groups`), never a hang."""
+    overlong_filter: bool = False
+    """DAPO overlong filtering: samples cut by a length limit get no loss (they still count in their
+    group's advantage)."""
 
 
 @dataclass(frozen=True)
@@ -345,9 +372,20 @@ class Config:
         return self.algo.prompts_per_step * self.gen.group_size
 
     @property
+    def mini_batches(self) -> int:
+        """Optimizer steps per epoch over one rollout batch."""
+        return self.algo.prompts_per_step // self.algo.mini_batch_prompts if self.algo.mini_batch_prompts else 1
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps per training step: mini-batches x epochs."""
+        return self.mini_batches * self.algo.epochs
+
+    @property
     def grad_accum_steps(self) -> int:
+        """Nominal micro-batches per rank per optimizer step (DeepSpeed's batch-size bookkeeping)."""
         per_pass = self.learner.micro_batch_size * self.learner.num_workers
-        return max(1, -(-self.samples_per_step // per_pass))
+        return max(1, -(-(self.samples_per_step // self.mini_batches) // per_pass))
 
     def validate(self) -> "Config":
         _validate(self)
@@ -419,8 +457,17 @@ def _validate(c: Config) -> None:
     _check(a.clip_high >= 0, "algo.clip_high", f"must be >= 0, got {a.clip_high}", "e.g. 0.28 (clip-higher)")
     _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", "0 disables the reference model")
     _check(a.prompts_per_step >= 1, "algo.prompts_per_step", f"must be >= 1, got {a.prompts_per_step}", "e.g. 4")
-    _check(a.updates_per_batch >= 1, "algo.updates_per_batch", f"must be >= 1, got {a.updates_per_batch}",
-           "1 = strictly on-policy")
+    _check(a.sapo_tau_pos > 0, "algo.sapo_tau_pos", f"must be > 0, got {a.sapo_tau_pos}", "SAPO's default: 1.0")
+    _check(a.sapo_tau_neg > 0, "algo.sapo_tau_neg", f"must be > 0, got {a.sapo_tau_neg}", "SAPO's default: 1.05")
+    _check(a.mini_batch_prompts >= 0, "algo.mini_batch_prompts", f"must be >= 0, got {a.mini_batch_prompts}",
+           "0 = the whole batch per optimizer step")
+    _check(a.mini_batch_prompts == 0 or a.prompts_per_step % a.mini_batch_prompts == 0, "algo.mini_batch_prompts",
+           f"{a.mini_batch_prompts} does not divide algo.prompts_per_step={a.prompts_per_step}",
+           "use a divisor, so every optimizer step sees the same number of samples")
+    _check(a.epochs >= 1, "algo.epochs", f"must be >= 1, got {a.epochs}", "1 = one pass over each rollout batch")
+    _check(a.tis_cap == 0 or a.tis_cap >= 1, "algo.tis_cap", f"must be 0 (off) or >= 1, got {a.tis_cap}",
+           "e.g. 2.0: a cap below 1 would down-weight even on-policy tokens")
+    _check(a.max_refill_rounds >= 0, "algo.max_refill_rounds", f"must be >= 0, got {a.max_refill_rounds}", "e.g. 4")
     _check(l.num_workers >= 1, "learner.num_workers", "must be >= 1", "e.g. 2")
     _check(l.lr > 0, "learner.lr", f"must be > 0, got {l.lr}", "e.g. 1e-6")
     _check(len(l.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in l.betas), "learner.betas",
@@ -451,6 +498,11 @@ def _validate(c: Config) -> None:
            "0 = off, e.g. 0.1")
     _check(c.reward.timeout_s > 0, "reward.timeout_s", f"must be > 0, got {c.reward.timeout_s}", "e.g. 5.0")
     _check(c.reward.workers >= 1, "reward.workers", f"must be >= 1, got {c.reward.workers}", "e.g. 1")
+    _check(0 <= c.reward.overlong_buffer < g.max_new_tokens, "reward.overlong_buffer",
+           f"must be in [0, gen.max_new_tokens={g.max_new_tokens}), got {c.reward.overlong_buffer}",
+           "0 = off; DAPO: a quarter of the response budget")
+    _check(c.reward.overlong_penalty >= 0, "reward.overlong_penalty", f"must be >= 0, got {c.reward.overlong_penalty}",
+           "e.g. 1.0")
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -504,12 +556,18 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"config field {name} has unsupported annotation {tp!r}")
 
 
+RENAMED = {"algo.updates_per_batch": "algo.epochs (passes over each rollout batch; with algo.mini_batch_prompts "
+                                     "for mini-batches)"}
+"""Keys that existed once: a config still using one gets told the new name."""
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = _field_names(cls)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        _check(full not in RENAMED, full, "was renamed", f"use {RENAMED.get(full)}")
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"did you mean `{(prefix + '.') if prefix else ''}{near[0]}`?" if near else f"valid keys: {', '.join(names)}"

@@ -32,13 +32,16 @@ def optimizer_section(lc: LearnerConfig) -> dict[str, Any]:
     }
 
 
-def scheduler_section(lc: LearnerConfig) -> dict[str, Any] | None:
-    """Linear warm-up to `lr` over `warmup_steps` optimizer steps, constant after; None if no warm-up."""
+def scheduler_section(lc: LearnerConfig, updates_per_step: int = 1) -> dict[str, Any] | None:
+    """Linear warm-up to `lr` over `warmup_steps` TRAINING steps, constant after; None if no warm-up.
+
+    DeepSpeed's scheduler advances once per optimizer step, and a training step takes
+    `updates_per_step` of them (mini-batches x epochs), so the warm-up is counted in those."""
     if lc.warmup_steps <= 0:
         return None
     return {
         "type": "WarmupLR",
-        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lc.lr, "warmup_num_steps": lc.warmup_steps,
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lc.lr, "warmup_num_steps": lc.warmup_steps * updates_per_step,
                    "warmup_type": "linear"},
     }
 
@@ -73,7 +76,7 @@ def build_ds_config(cfg: Config, world_size: int, device_type: str, *, with_opti
     if with_optimizer:
         ds["gradient_clipping"] = lc.grad_clip
         ds["optimizer"] = optimizer_section(lc)
-        sched = scheduler_section(lc)
+        sched = scheduler_section(lc, cfg.updates_per_step)
         if sched is not None:
             ds["scheduler"] = sched
         if lc.offload_optimizer:

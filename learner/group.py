@@ -82,7 +82,7 @@ class LearnerGroup:
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
     def train_step(self, trajs: Sequence[Any]) -> dict[str, float]:
-        """`algo.updates_per_batch` optimizer steps on one batch. -> the last step's metrics.
+        """One training step (`algo.epochs` x mini-batches optimizer steps, inside the ranks). -> metrics.
 
         `trajs`: Trajectory objects, or object-store refs to lists of them (as the replay buffer
         holds): refs are passed through, and every rank fetches the payload itself.
@@ -91,15 +91,14 @@ class LearnerGroup:
             ref = list(trajs)  # nested refs stay refs: Ray does not resolve them for us
         else:
             ref = ray.put(list(trajs))
-        out: dict[str, float] = {}
-        for _ in range(self.cfg.algo.updates_per_batch):
-            out = self._all("train_step", ref)[0]
-            self._count_skip(out)
+        out = self._all("train_step", ref)[0]
+        self._count_skip(out)
         return out
 
     def _count_skip(self, m: dict[str, float]) -> None:
-        """A skipped step left the weights untouched; `run.max_skipped_steps` in a row stop the run."""
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if m["learner/skipped"] else 0
+        """A skipped optimizer step left the weights untouched; `run.max_skipped_steps` in a row stop the run."""
+        all_skipped = m["learner/skipped"] == m["learner/updates"]
+        self.skipped_in_a_row = (self.skipped_in_a_row if all_skipped else 0) + int(m["learner/skipped_trailing"])
         limit = self.cfg.run.max_skipped_steps
         if limit and self.skipped_in_a_row >= limit:
             what = "loss=nan" if m["learner/nonfinite_loss"] else f"grad norm {m['learner/grad_norm']:g}"

@@ -35,7 +35,7 @@ class StreamBatch:
     attn_mask: torch.Tensor  # [B, 1, L, L] additive float; a pad query sees only itself (no NaN)
     target_index: torch.Tensor  # [B, S] long: row whose logits predict stream token k
     stream_ids: torch.Tensor  # [B, S] long
-    old_logp: torch.Tensor  # [B, S] float: behaviour log-probs
+    behavior_logp: torch.Tensor  # [B, S] float: the generator's log-probs (pi_gen)
     mask: torch.Tensor  # [B, S] float: 1 on real stream tokens
     answer_index: torch.Tensor  # [B, Q] long: rows of the final kept tokens (answer queries)
     answer_valid: torch.Tensor  # [B, Q] bool
@@ -67,7 +67,7 @@ def collate(trajs: Sequence[Trajectory], pad_id: int, dtype: torch.dtype = torch
     vis = torch.eye(L, dtype=torch.bool).repeat(b, 1, 1)  # pad queries see themselves
     target = torch.zeros(b, S, dtype=torch.long)
     stream_ids = torch.full((b, S), pad_id, dtype=torch.long)
-    old_logp = torch.zeros(b, S)
+    behavior_logp = torch.zeros(b, S)
     mask = torch.zeros(b, S)
     ans_idx = torch.zeros(b, Q, dtype=torch.long)
     ans_ok = torch.zeros(b, Q, dtype=torch.bool)
@@ -79,13 +79,13 @@ def collate(trajs: Sequence[Trajectory], pad_id: int, dtype: torch.dtype = torch
         vis[i, :n, :n] = stream_attention_mask(p, t.erased_at)
         target[i, :s] = predecessor_index(p, t.erased_at)
         stream_ids[i, :s] = t.stream_ids
-        old_logp[i, :s] = t.behavior_logp.float()
+        behavior_logp[i, :s] = t.behavior_logp.float()
         mask[i, :s] = 1.0
         rows = answer_rows(t, Q)
         ans_idx[i, : rows.numel()], ans_ok[i, : rows.numel()] = rows, True
     return StreamBatch(
         input_ids=input_ids, position_ids=position_ids, attn_mask=additive_mask(vis.unsqueeze(1), dtype),
-        target_index=target, stream_ids=stream_ids, old_logp=old_logp, mask=mask, answer_index=ans_idx,
+        target_index=target, stream_ids=stream_ids, behavior_logp=behavior_logp, mask=mask, answer_index=ans_idx,
         answer_valid=ans_ok, prompt_len=torch.tensor([t.prompt_ids.numel() for t in trajs]),
         stream_len=torch.tensor([t.stream_ids.numel() for t in trajs]),
     )

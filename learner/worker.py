@@ -1,24 +1,30 @@
 """The ZeRO-3 learner: one plain object per data-parallel rank (Ray wraps it in actor.py).
 
-Every rank receives the WHOLE batch (whole groups: outcome advantages need them), takes its
-length-balanced shard, and runs the same number of micro-batches (ZeRO-3's collectives must
-match), padding with zero-weight dummies. Each micro-batch is ONE forward over prompt + stream
-(kept and erased tokens) with the stream mask; the answer rows' attention is captured in that same
-forward when the allocation is `attention`.
+Every rank receives the WHOLE batch (whole groups: outcome advantages need them) and computes the
+whole update plan itself (`learner.updates`): `algo.epochs` passes of `mini_batches` optimizer
+steps, each rank training its length-balanced shard's part of every mini-batch, all ranks running
+the same number of micro-batches (ZeRO-3's collectives must match), padded with zero-weight dummies.
+Each micro-batch is ONE forward over prompt + stream (kept and erased tokens) with the stream mask;
+the answer rows' attention is captured in that same forward when the allocation is `attention`.
 
-Loss scale: micro-batch losses use GLOBAL denominators (all tokens / sequences of the batch), so
-their sum over micro-batches and ranks is the full-batch loss. We call
+pi_old: with one optimizer step per batch it is the training forward's own log-prob, detached (the
+ratio is exactly 1; a separate pass would compute the same numbers). With several, a no-grad pass
+before the first step computes pi_old and the token advantages once (`_freeze`); both stay frozen
+across mini-batches and epochs, so the ratio moves off 1 and the clip acts. The generator's
+log-probs (pi_gen) enter only through truncated importance sampling (`algo.tis_cap`).
+
+Loss scale: micro-batch losses use GLOBAL denominators (all trained tokens / sequences of the
+mini-batch), so their sum over micro-batches and ranks is the mini-batch loss. We call
 `engine.backward(loss * world_size, scale_wrt_gas=False)` because DeepSpeed would otherwise divide
 by its fixed accumulation steps, and ZeRO averages gradients over ranks (divides by world_size).
-We set the accumulation boundary ourselves, so a batch may hold any number of sequences.
+We set the accumulation boundary ourselves, so a mini-batch may hold any number of sequences.
 A non-finite loss on any rank is turned into NaN gradients; ZeRO-3 then sees a non-finite global
-grad norm on every rank and skips the optimizer step (weights untouched); we count it.
+grad norm on every rank and skips that optimizer step (weights untouched); we count it.
 """
 from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
 import socket
 import time
@@ -29,7 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from e3rl.config import Config
-from e3rl.core.loss import LOSSES, LossInputs, LossSettings
+from e3rl.core.loss import LOSSES, LossInputs, LossSettings, truncated_is_weight
 from e3rl.core.trajectory import Trajectory
 from e3rl.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from learner import checkpoint as ckpt
@@ -37,7 +43,14 @@ from learner.advantages import AdvantageSpec, batch_token_advantages, outcome_ad
 from learner.ds_config import build_ds_config
 from learner.stream_batch import (StreamBatch, StreamPolicy, collate, install_attention_capture, logprobs_and_entropy,
                                   pad_tokens, policy_forward, split_attention, stream_logprobs)
+from learner.updates import Update, freeze_batches, plan_updates
 from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict
+
+
+TRUNCATED = ("length", "stream_cap")
+"""Finish reasons of a sample cut by a length limit (what overlong filtering masks)."""
+STATS = 10
+"""Per micro-batch sums: loss, clip, kl, entropy, |logp diff|, tokens, non-finite, ref kl, IS weight; then max |diff|."""
 
 
 def free_port() -> int:
@@ -171,45 +184,76 @@ class LearnerWorker:
             engine.eval()
 
     # ------------------------------------------------------------------ training
-    def _shard(self, trajs: Sequence[Trajectory]) -> tuple[list[list[int]], int]:
-        """Length-balanced shard of this rank, as micro-batches; every rank gets the same count."""
-        n, mbs = len(trajs), self.cfg.learner.micro_batch_size
-        order = sorted(range(n), key=lambda i: trajs[i].prompt_ids.numel() + trajs[i].stream_ids.numel())
-        mine = order[self.rank :: self.world_size]
-        n_micro = max(1, math.ceil(math.ceil(n / self.world_size) / mbs))
-        return [mine[i * mbs : (i + 1) * mbs] for i in range(n_micro)], n_micro
-
-    def _loss_settings(self, trajs: Sequence[Trajectory]) -> LossSettings:
+    def _loss_settings(self, update: Update) -> LossSettings:
         a = self.cfg.algo
         return LossSettings(clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg, kl_coef=a.kl_coef,
-                            norm_len=self.cfg.gen.max_new_tokens,
-                            total_tokens=float(max(1, sum(t.stream_ids.numel() for t in trajs))),
-                            total_seqs=float(len(trajs)))
+                            norm_len=self.cfg.gen.max_new_tokens, total_tokens=update.total_tokens,
+                            total_seqs=update.total_seqs, tau_pos=a.sapo_tau_pos, tau_neg=a.sapo_tau_neg)
 
-    def _collate(self, trajs: Sequence[Trajectory]) -> StreamBatch:
+    def _collate(self, trajs: Sequence[Trajectory], trained: Sequence[bool]) -> StreamBatch:
+        """The padded batch; samples whose loss is masked (overlong filtering) keep a zero mask."""
         pad = int(trajs[0].stream_ids[0]) if trajs[0].stream_ids.numel() else 0  # any real id; masked out
-        return collate(trajs, pad, self.dtype, self.spec.answer_tokens).to(self.device)
+        batch = collate(trajs, pad, self.dtype, self.spec.answer_tokens)
+        batch.mask[~torch.tensor(list(trained), dtype=torch.bool)] = 0.0
+        return batch.to(self.device)
 
-    def _micro_step(self, trajs: list[Trajectory], outcome: torch.Tensor, settings: LossSettings,
-                    dummy: bool) -> torch.Tensor:
-        """Forward, advantages, loss, backward for one micro-batch. -> local stats [9]."""
-        t0 = time.perf_counter()
-        batch = self._collate(trajs)
-        if dummy:
-            batch.mask.zero_()
-        T = self.cfg.gen.temperature
+    def _trained(self, trajs: Sequence[Trajectory]) -> list[bool]:
+        """DAPO overlong filtering: a sample cut by a length limit carries no loss."""
+        if not self.cfg.algo.overlong_filter:
+            return [True] * len(trajs)
+        return [t.finish_reason not in TRUNCATED for t in trajs]
+
+    def _forward(self, batch: StreamBatch, trajs: list[Trajectory], outcome: torch.Tensor
+                 ) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+        """One policy forward -> (log-probs [B, S], entropy sum, per-row token advantages).
+
+        The advantages need this forward only for the attention allocation (captured in it)."""
         if self.capture is not None:
             self.capture.arm(batch.answer_index)
         logits = policy_forward(self.engine, batch)  # [B, S, V]
         attn = self.capture.disarm() if self.capture is not None else None
-        logp, entropy = logprobs_and_entropy(logits, batch, T)  # [B, S]
-        adv_rows = batch_token_advantages(trajs, outcome, self.spec, split_attention(attn, batch) if attn is not None else None)
-        adv = pad_tokens(adv_rows, batch.mask.shape[1]).to(self.device)  # [B, S]
+        logp, entropy = logprobs_and_entropy(logits, batch, self.cfg.gen.temperature)  # [B, S]
+        adv = batch_token_advantages(trajs, outcome, self.spec, split_attention(attn, batch) if attn is not None else None)
+        return logp, entropy, adv
+
+    @torch.no_grad()
+    def _freeze(self, trajs: list[Trajectory], outcome: torch.Tensor, trained: list[bool],
+                lengths: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The no-grad pass before the first of several optimizer steps: pi_old and the token
+        advantages (attention allocation included) of this rank's samples, frozen for the step."""
+        frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for idx in freeze_batches(lengths, self.world_size, self.rank, self.cfg.learner.micro_batch_size):
+            rows = idx or [0]  # a dummy forward keeps ZeRO-3's collectives in step
+            batch = self._collate([trajs[j] for j in rows], [trained[j] for j in rows])
+            logp, _, adv = self._forward(batch, [trajs[j] for j in rows], outcome[rows])
+            for k, j in enumerate(idx):
+                s = trajs[j].stream_ids.numel()
+                frozen[j] = (logp[k, :s].float().cpu(), adv[k])
+        return frozen
+
+    def _micro_step(self, trajs: list[Trajectory], idx: list[int], outcome: torch.Tensor, trained: list[bool],
+                    settings: LossSettings, frozen: Optional[dict]) -> torch.Tensor:
+        """Forward, loss, backward for one micro-batch (idx empty = a zero-weight dummy). -> local stats [STATS]."""
+        t0 = time.perf_counter()
+        rows = idx or [0]
+        mb = [trajs[j] for j in rows]
+        batch = self._collate(mb, [trained[j] and bool(idx) for j in rows])
+        width = batch.mask.shape[1]
+        if frozen is None:  # one optimizer step per batch: pi_old is this forward's own value
+            logp, entropy, adv_rows = self._forward(batch, mb, outcome[rows])
+            old = logp.detach()
+        else:
+            logp, entropy = logprobs_and_entropy(policy_forward(self.engine, batch), batch, self.cfg.gen.temperature)
+            old = pad_tokens([frozen[j][0] for j in idx] if idx else [torch.zeros(0)], width).to(self.device)
+            adv_rows = [frozen[j][1] for j in idx] if idx else [torch.zeros(0)]
+        adv = pad_tokens(adv_rows, width).to(self.device)  # [B, S]
+        cap = self.cfg.algo.tis_cap
+        is_weight = truncated_is_weight(old, batch.behavior_logp, cap, batch.mask) if cap else None
         ref_logp = None
         if self.ref_engine is not None:
             with torch.no_grad():
-                ref_logp = stream_logprobs(policy_forward(self.ref_engine, batch), batch, T)
-        loss, m = LOSSES[self.cfg.algo.loss](LossInputs(logp, batch.old_logp, adv, batch.mask, ref_logp), settings)
+                ref_logp = stream_logprobs(policy_forward(self.ref_engine, batch), batch, self.cfg.gen.temperature)
+        loss, m = LOSSES[self.cfg.algo.loss](LossInputs(logp, old, adv, batch.mask, ref_logp, is_weight), settings)
         if 0 <= self.cfg.run.fault.nan_loss_after <= self.version + self.skipped_steps:
             loss = loss * float("nan")  # fault injection (tests): this and every later optimizer step
         finite = bool(torch.isfinite(loss))
@@ -219,64 +263,81 @@ class LearnerWorker:
         self._times["forward_s"] += t1 - t0
         self._times["backward_s"] += time.perf_counter() - t1
         n = batch.mask.sum()
-        diff = ((logp.detach() - batch.old_logp).abs() * batch.mask)
+        diff = (old - batch.behavior_logp).abs() * batch.mask  # learner (pi_old) vs generator numerics
+        w = is_weight if is_weight is not None else batch.mask
         return torch.tensor([
             float(loss.detach()) if finite else 0.0, m["clip_frac"] * float(n), m["approx_kl"] * float(n),
-            entropy, float(diff.sum()), float(n), float(not finite),
-            m["ref_kl"] * float(n), float(diff.max()) if finite else 0.0,
+            entropy, float(diff.sum()), float(n), float(not finite), m["ref_kl"] * float(n),
+            float((w * batch.mask).sum()), float(diff.max()) if finite else 0.0,
         ], dtype=torch.float64)
 
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
-        """One optimizer step on the whole batch (every rank gets the same list). -> metrics."""
+        """One training step on the whole batch (every rank gets the same list): `algo.epochs`
+        passes of `mini_batches` optimizer steps each. -> metrics (means over the steps)."""
         t0 = time.perf_counter()
         trajs = resolve_batch(trajs)
         if not trajs:
             raise ValueError("train_step: empty batch — pass at least one trajectory")
+        self._times = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "freeze_s": 0.0}
         outcome = outcome_advantages(trajs, self.spec.estimator)  # [N], whole groups
-        settings = self._loss_settings(trajs)
-        micro, n_micro = self._shard(trajs)
-        stats = torch.zeros(9, dtype=torch.float64)
-        self._times = {"forward_s": 0.0, "backward_s": 0.0}
-        for i, idx in enumerate(micro):
-            self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-            dummy = len(idx) == 0
-            idx = idx or [0]
-            st = self._micro_step([trajs[j] for j in idx], outcome[idx], settings, dummy)
-            stats[:8] += st[:8]
-            stats[8] = max(stats[8], st[8])
-        t1 = time.perf_counter()
-        self.engine.step()
-        self._times["optimizer_s"] = time.perf_counter() - t1
-        return self._step_metrics(stats, len(trajs), time.perf_counter() - t0)
+        trained = self._trained(trajs)
+        lengths = [t.stream_ids.numel() for t in trajs]
+        plan = plan_updates(lengths, [n if ok else 0 for n, ok in zip(lengths, trained)], self.world_size,
+                            self.rank, self.cfg.learner.micro_batch_size, self.cfg.mini_batches, self.cfg.algo.epochs,
+                            seed=self.cfg.run.seed * 1_000_003 + self.version + self.skipped_steps)
+        frozen = None
+        if len(plan) > 1:
+            t1 = time.perf_counter()
+            frozen = self._freeze(trajs, outcome, trained, lengths)
+            self._times["freeze_s"] = time.perf_counter() - t1
+        stats = torch.zeros(STATS, dtype=torch.float64)
+        applied, trailing_skips, grad_norms = 0, 0, []
+        for update in plan:
+            settings = self._loss_settings(update)
+            for i, idx in enumerate(update.micro):
+                self.engine.set_gradient_accumulation_boundary(i == len(update.micro) - 1)
+                st = self._micro_step(trajs, idx, outcome, trained, settings, frozen)
+                stats[:-1] += st[:-1]
+                stats[-1] = max(stats[-1], st[-1])
+            t1 = time.perf_counter()
+            self.engine.step()
+            self._times["optimizer_s"] += time.perf_counter() - t1
+            if self.engine.was_step_applied():
+                self.version += 1
+                applied, trailing_skips = applied + 1, 0
+                gn = self.engine.get_global_grad_norm()
+                grad_norms.append(float(gn) if gn is not None else float("nan"))
+            else:
+                self.skipped_steps += 1
+                trailing_skips += 1
+        return self._step_metrics(stats, len(trajs), len(plan), applied, trailing_skips, grad_norms,
+                                  time.perf_counter() - t0)
 
     def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
-        """Sum stats[:8] and max stats[8] over ranks."""
+        """Sum every stat over ranks but the last (a max)."""
         if self.world_size == 1:
             return stats
         import torch.distributed as dist
 
         s = stats.to(self.device)
-        head, tail = s[:8].clone(), s[8:].clone()
+        head, tail = s[:-1].clone(), s[-1:].clone()
         dist.all_reduce(head, op=dist.ReduceOp.SUM)
         dist.all_reduce(tail, op=dist.ReduceOp.MAX)
         return torch.cat([head, tail]).cpu()
 
-    def _step_metrics(self, stats: torch.Tensor, n_seqs: int, seconds: float) -> dict[str, float]:
+    def _step_metrics(self, stats: torch.Tensor, n_seqs: int, n_updates: int, applied: int, trailing_skips: int,
+                      grad_norms: list[float], seconds: float) -> dict[str, float]:
         s = self._reduce(stats)
-        applied = bool(self.engine.was_step_applied())
-        if applied:
-            self.version += 1
-        else:
-            self.skipped_steps += 1
-        n = max(1.0, float(s[5]))
-        gn = self.engine.get_global_grad_norm()
+        n = max(1.0, float(s[5]))  # tokens over all updates
         return {
-            "learner/loss": float(s[0]), "learner/clip_frac": float(s[1]) / n, "learner/approx_kl": float(s[2]) / n,
-            "learner/entropy": float(s[3]) / n, "learner/logp_diff_mean": float(s[4]) / n,
-            "learner/logp_diff_max": float(s[8]), "learner/ref_kl": float(s[7]) / n,
-            "learner/grad_norm": float(gn) if gn is not None else float("nan"),
-            "learner/nonfinite_loss": float(s[6]), "learner/skipped": float(not applied),
-            "learner/skipped_steps": float(self.skipped_steps), "learner/tokens": float(s[5]),
+            "learner/loss": float(s[0]) / n_updates, "learner/clip_frac": float(s[1]) / n,
+            "learner/approx_kl": float(s[2]) / n, "learner/entropy": float(s[3]) / n,
+            "learner/logp_diff_mean": float(s[4]) / n, "learner/logp_diff_max": float(s[9]),
+            "learner/ref_kl": float(s[7]) / n, "learner/tis_weight_mean": float(s[8]) / n,
+            "learner/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "learner/nonfinite_loss": float(s[6]), "learner/updates": float(n_updates),
+            "learner/skipped": float(n_updates - applied), "learner/skipped_trailing": float(trailing_skips),
+            "learner/skipped_steps": float(self.skipped_steps), "learner/tokens": float(s[5]) / n_updates,
             "learner/seqs": float(n_seqs), "learner/lr": float(self.engine.get_lr()[0]),
             "learner/version": float(self.version), "learner/step_s": seconds,
             **{f"learner/{k}": v for k, v in self._times.items()},  # rank 0's phases
@@ -286,7 +347,7 @@ class LearnerWorker:
     @torch.no_grad()
     def forward_logits(self, trajs: Sequence[Trajectory]) -> Optional[torch.Tensor]:
         """Collective: logits [B, S, V] predicting each stream token (CPU, on rank 0)."""
-        logits = policy_forward(self.engine, self._collate(list(trajs)))
+        logits = policy_forward(self.engine, self._collate(list(trajs), [True] * len(trajs)))
         return logits.float().cpu() if self.rank == 0 else None
 
     # ------------------------------------------------------------------ weights, checkpoints

@@ -39,7 +39,7 @@ def test_dotted_overrides_are_typed():
     (["gen.group_size=two"], "gen.group_size: expected an integer, got 'two'"),
     (["gen.top_p=1.5"], "gen.top_p: must be in (0, 1], got 1.5"),
     (["heal.penalty_base=1.0"], "heal.penalty_base: must be > 1"),
-    (["algo.loss=ppo"], "algo.loss: 'ppo' is not one of ['clip', 'gspo']"),
+    (["algo.loss=ppo"], "algo.loss: 'ppo' is not one of ['clip', 'gspo', 'sapo']"),
     (["heal.enabled=1"], "heal.enabled: expected true/false"),
     (["gen.max_stream_tokens=10", "gen.max_new_tokens=20"], "gen.max_stream_tokens: 10 < max_new_tokens 20"),
     (["data.train=gym:chain_sum", "data.train_size=0"], "data.train_size: gym tasks are generated and need a size"),
@@ -120,7 +120,13 @@ BAD_VALUES = [
     ("algo.clip_high", ["algo.clip_high=-0.1"]),
     ("algo.kl_coef", ["algo.kl_coef=-1"]),
     ("algo.prompts_per_step", ["algo.prompts_per_step=0"]),
-    ("algo.updates_per_batch", ["algo.updates_per_batch=0"]),
+    ("algo.sapo_tau_pos", ["algo.sapo_tau_pos=0"]),
+    ("algo.sapo_tau_neg", ["algo.sapo_tau_neg=-1"]),
+    ("algo.mini_batch_prompts", ["algo.mini_batch_prompts=-1"]),
+    ("algo.mini_batch_prompts", ["algo.prompts_per_step=4", "algo.mini_batch_prompts=3"]),
+    ("algo.epochs", ["algo.epochs=0"]),
+    ("algo.tis_cap", ["algo.tis_cap=0.5"]),
+    ("algo.max_refill_rounds", ["algo.max_refill_rounds=-1"]),
     ("learner.num_workers", ["learner.num_workers=0"]),
     ("learner.lr", ["learner.lr=0"]),
     ("learner.betas", ["learner.betas=[0.9, 1.0]"]),
@@ -147,6 +153,8 @@ BAD_VALUES = [
     ("reward.partial_weight", ["reward.partial_weight=1"]),
     ("reward.timeout_s", ["reward.timeout_s=0"]),
     ("reward.workers", ["reward.workers=0"]),
+    ("reward.overlong_buffer", ["gen.max_new_tokens=32", "reward.overlong_buffer=32"]),
+    ("reward.overlong_penalty", ["reward.overlong_penalty=-1"]),
 ]
 
 
@@ -213,3 +221,14 @@ def test_docs_name_only_config_fields_that_exist():
                     continue
                 wrong.append(f"{doc.relative_to(repo)}:{n}: {name}")
     assert not wrong, wrong
+
+
+def test_a_renamed_key_names_its_replacement():
+    with pytest.raises(ConfigError, match=r"^algo\.updates_per_batch: was renamed — use algo\.epochs"):
+        load_config(None, ["algo.updates_per_batch=2"])
+
+
+def test_updates_per_step_is_mini_batches_times_epochs():
+    cfg = load_config(None, ["algo.prompts_per_step=8", "algo.mini_batch_prompts=2", "algo.epochs=3"])
+    assert (cfg.mini_batches, cfg.updates_per_step) == (4, 12)
+    assert load_config(None, ["algo.prompts_per_step=8"]).updates_per_step == 1

@@ -130,7 +130,7 @@ class TorchStep:
             logp, _ = logprobs_and_entropy(logits, b, self.cfg.gen.temperature)  # entropy: logged like the learner
             adv = pad_tokens(batch_token_advantages(mb, outcome[i : i + mbs], self.spec,
                                                     split_attention(attn, b) if attn is not None else None), b.mask.shape[1])
-            loss, _ = LOSSES[a.loss](LossInputs(logp, b.old_logp, adv, b.mask), settings)
+            loss, _ = LOSSES[a.loss](LossInputs(logp, logp.detach(), adv, b.mask), settings)  # on-policy, as the learner
             loss.backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.learner.grad_clip)

@@ -55,3 +55,17 @@ def test_masked_tokens_do_not_leak():
     x = _inputs([[5.0, 0.0]], [[0.0, 0.0]], [[1.0, 1.0]], mask=[[0.0, 1.0]])
     loss, m = LOSSES["clip"](x, LossSettings())
     assert loss.item() == pytest.approx(-1.0) and m["tokens"] == 1.0
+
+
+def test_every_loss_reports_the_same_metrics():
+    keys = {"clip_frac", "approx_kl", "ratio_mean", "ref_kl", "tokens"}
+    for name, fn in LOSSES.items():
+        _, m = fn(_inputs([[0.1, -0.2]], [[0.0, 0.0]], [[1.0, -1.0]]), LossSettings())
+        assert set(m) == keys, name
+
+
+def test_sapo_far_off_policy_is_finite_with_no_gradient():
+    x = _inputs([[200.0, 0.0]], [[0.0, 0.0]], [[1.0, 1.0]])  # r = e^200 overflows float32 unclamped
+    loss, m = LOSSES["sapo"](x, LossSettings())
+    loss.backward()
+    assert torch.isfinite(loss) and x.logp.grad[0, 0] == 0.0 and m["clip_frac"] == pytest.approx(0.5)

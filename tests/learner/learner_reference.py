@@ -1,4 +1,4 @@
-"""Plain-torch reference of one learner update: full-batch HF forward (eager attention, all logits),
+"""Plain-torch reference of learner updates: full-batch HF forward (eager attention, all logits),
 attention masses from `output_attentions`, the core's loss, clip_grad_norm_, torch AdamW.
 
 Independent of the learner's StreamPolicy head gather, attention capture, sharding, micro-batching
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from e3rl.config import Config
-from e3rl.core.loss import LOSSES, LossInputs, LossSettings
+from e3rl.core.loss import LOSSES, LossInputs, LossSettings, truncated_is_weight
 from e3rl.core.surprisal import token_logprobs
 from learner.advantages import AdvantageSpec, batch_token_advantages, outcome_advantages
 from learner.stream_batch import collate, pad_tokens
@@ -33,9 +33,28 @@ def reference_logits(model: torch.nn.Module, trajs, answer_tokens: int = 16, att
     return logits, b, attn
 
 
+def _settings(cfg: Config, tokens: float, seqs: float) -> LossSettings:
+    a = cfg.algo
+    return LossSettings(a.clip_low, a.clip_high, a.loss_agg, a.kl_coef, cfg.gen.max_new_tokens, tokens, seqs,
+                        tau_pos=a.sapo_tau_pos, tau_neg=a.sapo_tau_neg)
+
+
+def _is_weight(cfg: Config, old: torch.Tensor, b) -> torch.Tensor | None:
+    return truncated_is_weight(old, b.behavior_logp, cfg.algo.tis_cap, b.mask) if cfg.algo.tis_cap else None
+
+
+def _apply(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, cfg: Config) -> dict:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip)
+    opt.step()
+    return {"loss": float(loss.detach()), "grad_norm": float(norm)}
+
+
 def reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer, trajs, cfg: Config,
                    frozen: torch.nn.Module | None = None) -> dict:
-    """One full-batch update (k3 KL to `frozen` when algo.kl_coef > 0); -> {'loss', 'grad_norm'}."""
+    """One full-batch on-policy update (pi_old = sg(pi), TIS against the behaviour log-probs when
+    algo.tis_cap > 0, k3 KL to `frozen` when algo.kl_coef > 0); -> {'loss', 'grad_norm'}."""
     spec = AdvantageSpec.from_config(cfg)
     logits, b, attn = reference_logits(model, trajs, spec.answer_tokens, attentions=spec.needs_attention)
     logp = token_logprobs(logits, b.stream_ids, cfg.gen.temperature) * b.mask
@@ -44,14 +63,33 @@ def reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer, trajs, cf
         with torch.no_grad():
             ref_logp = token_logprobs(reference_logits(frozen, trajs)[0], b.stream_ids, cfg.gen.temperature) * b.mask
     adv = pad_tokens(batch_token_advantages(trajs, outcome_advantages(trajs, spec.estimator), spec, attn), b.mask.shape[1])
-    a = cfg.algo
-    settings = LossSettings(a.clip_low, a.clip_high, a.loss_agg, a.kl_coef, cfg.gen.max_new_tokens)
-    loss, _ = LOSSES[a.loss](LossInputs(logp, b.old_logp, adv, b.mask, ref_logp), settings)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip)
-    opt.step()
-    return {"loss": float(loss.detach()), "grad_norm": float(norm)}
+    old = logp.detach()
+    settings = _settings(cfg, float(b.mask.sum()), float(len(trajs)))
+    loss, _ = LOSSES[cfg.algo.loss](LossInputs(logp, old, adv, b.mask, ref_logp, _is_weight(cfg, old, b)), settings)
+    return _apply(model, opt, loss, cfg)
+
+
+def reference_ppo_step(model: torch.nn.Module, opt: torch.optim.Optimizer, trajs, cfg: Config,
+                       mini_batches: list[list[int]]) -> list[dict]:
+    """PPO-style: one no-grad full-batch forward freezes pi_old and the token advantages, then one
+    AdamW step per mini-batch (indices into trajs) with the mini-batch's own denominators."""
+    spec = AdvantageSpec.from_config(cfg)
+    with torch.no_grad():
+        logits, b, attn = reference_logits(model, trajs, spec.answer_tokens, attentions=spec.needs_attention)
+        old_all = token_logprobs(logits, b.stream_ids, cfg.gen.temperature) * b.mask
+        adv_rows = batch_token_advantages(trajs, outcome_advantages(trajs, spec.estimator), spec, attn)
+    out = []
+    for idx in mini_batches:
+        mb = [trajs[i] for i in idx]
+        logits, mbb, _ = reference_logits(model, mb, spec.answer_tokens)
+        logp = token_logprobs(logits, mbb.stream_ids, cfg.gen.temperature) * mbb.mask
+        width = mbb.mask.shape[1]
+        old = pad_tokens([old_all[i, : trajs[i].stream_ids.numel()] for i in idx], width)
+        adv = pad_tokens([adv_rows[i] for i in idx], width)
+        settings = _settings(cfg, float(mbb.mask.sum()), float(len(mb)))
+        loss, _ = LOSSES[cfg.algo.loss](LossInputs(logp, old, adv, mbb.mask, None, _is_weight(cfg, old, mbb)), settings)
+        out.append(_apply(model, opt, loss, cfg))
+    return out
 
 
 def make_adamw(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:

@@ -47,7 +47,7 @@ def test_layout_padding_and_alignment():
         assert torch.equal(b.position_ids[i, :p], torch.arange(p))
         assert torch.equal(b.position_ids[i, p : p + s], t.position_ids)
         assert torch.equal(b.target_index[i, :s], predecessor_index(p, t.erased_at))
-        assert torch.equal(b.old_logp[i, :s], t.behavior_logp) and b.mask[i, :s].all() and not b.mask[i, s:].any()
+        assert torch.equal(b.behavior_logp[i, :s], t.behavior_logp) and b.mask[i, :s].all() and not b.mask[i, s:].any()
         kept = torch.nonzero(t.erased_at < 0).flatten()
         assert torch.equal(b.answer_index[i][b.answer_valid[i]], kept[-3:] + p)
         assert (b.attn_mask[i, 0, p + s :, : p + s] < 0).all()  # pad queries see no real token...
