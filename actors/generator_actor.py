@@ -21,8 +21,9 @@ import ray
 import torch
 
 from actors.generator import RewindableGenerator
-from actors.rollout_stats import ACCEPTED_KEY, accepted_uncertainties, rollout_stats
+from actors.rollout_stats import ACCEPTED_KEY, OUTCOMES_KEY, accepted_uncertainties, group_outcomes, rollout_stats
 from e3rl.config import Config
+from e3rl.core.shaping import overlong_penalty
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.core.trajectory import Trajectory
 from e3rl.models import actor_threads, load_model, load_tokenizer, resolve_device
@@ -30,14 +31,25 @@ from e3rl.rewards import Scorer, score_stats
 from e3rl.tasks.base import Problem
 
 
-def score(trajs: Sequence[Trajectory], problems: Sequence[Problem], group_size: int,
-          scorer: Scorer) -> dict[str, float]:
+def score(trajs: Sequence[Trajectory], problems: Sequence[Problem], group_size: int, scorer: Scorer,
+          max_len: int) -> dict[str, float]:
     """Fill `reward` and `correct` in place (G consecutive trajectories per problem).
-    -> `reward/accuracy`, `reward/timeouts`, `reward/errors` of the batch."""
+    -> `reward/accuracy`, `reward/timeouts`, `reward/errors` of the batch.
+
+    With `reward.overlong_buffer` > 0, DAPO's soft overlong punishment against the response budget
+    `max_len` (gen.max_new_tokens) is added to the reward, measured on kept tokens (erased attempts
+    are not part of the answer); `correct` never changes. -> also `reward/overlong_penalty` (mean).
+    """
     scores = scorer.score([t.response_text for t in trajs], [problems[i // group_size] for i in range(len(trajs))])
-    for t, s in zip(trajs, scores):
-        t.reward, t.correct = s.reward, s.correct
-    return score_stats(scores)
+    cfg = scorer.cfg
+    penalties = [overlong_penalty(int(t.kept_ids.numel()), max_len, cfg.overlong_buffer, cfg.overlong_penalty)
+                 for t in trajs]
+    for t, s, p in zip(trajs, scores, penalties):
+        t.reward, t.correct = s.reward + p, s.correct
+    out = score_stats(scores)
+    if cfg.overlong_buffer > 0:
+        out["reward/overlong_penalty"] = sum(penalties) / max(len(trajs), 1)
+    return out
 
 
 class GeneratorWorker:
@@ -74,7 +86,8 @@ class GeneratorWorker:
         a regenerated shard or a resumed run samples exactly what the original would have.
         `history` is the run's threshold history (the driver owns it and sends it with every
         call, so a restarted actor needs no state); the stats carry, under `ACCEPTED_KEY`, the U of
-        the segments this call accepted, for the driver to fold into the history once per step.
+        the segments this call accepted, for the driver to fold into the history once per step, and,
+        under `OUTCOMES_KEY`, each scored group's `GroupOutcome` (for dynamic sampling).
         """
         self._maybe_fail()
         g = self.generator
@@ -93,11 +106,14 @@ class GeneratorWorker:
             seconds = time.perf_counter() - t0
         finally:
             g.gen, g.heal_active = saved
-        scored = score(trajs, problems, len(trajs) // max(len(prompts), 1), self.scorer) if problems else {}
+        scored = {}
+        if problems:
+            scored = score(trajs, problems, len(trajs) // max(len(prompts), 1), self.scorer, g.gen.max_new_tokens)
         self.batches += 1
         peak = g.stats.get("peak_cache_bytes", 0)
         stats = rollout_stats(trajs, seconds, peak) | scored
-        return trajs, stats | {ACCEPTED_KEY: accepted_uncertainties(trajs)}
+        return trajs, stats | {ACCEPTED_KEY: accepted_uncertainties(trajs),
+                               OUTCOMES_KEY: group_outcomes(trajs) if problems else []}
 
     def _maybe_fail(self) -> None:
         """Fault injection (run.fault.*) for reliability tests: exit the actor process."""

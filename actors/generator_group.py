@@ -5,8 +5,9 @@ gathers the results.
   with a clear line if the cluster cannot hold it (never pending forever).
 - Sharding: whole prompt groups go to one actor (thresholds and advantages are group-relative).
 - Threshold history: the group owns the run's one history and sends it with every call; a
-  training step's accepted segments, pooled over all actors, are folded in once
-  (`update_history=True`), so N actors hold exactly what one actor that saw every segment would.
+  training step's accepted segments, pooled over all actors (and over all generation rounds of
+  the step), are folded in once (`fold_history`), so N actors hold exactly what one actor that
+  saw every segment would.
 - Faults: an actor that dies mid-rollout is restarted by Ray (`max_restarts`); the group reloads
   the current weights into it and regenerates exactly the lost shard with the same seed (and the
   same history), so every prompt is generated once and only once per step, and the regenerated
@@ -16,19 +17,35 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.generator_actor import make_generator_actor
-from actors.rollout_stats import ACCEPTED_KEY, merge_stats
+from actors.rollout_stats import ACCEPTED_KEY, OUTCOMES_KEY, merge_stats
 from e3rl.config import Config
+from e3rl.core.dynamic_sampling import GroupOutcome
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.placement import reserve_bundles
 from e3rl.tasks.base import Problem
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One `generate` call's results. Payloads stay in the object store; the rest is small."""
+
+    refs: list  # [ObjectRef] of trajectory lists, one per non-empty shard
+    stats: dict[str, float]  # merged over shards (`gen/…`, `e3rl/…`, `reward/…`)
+    outcomes: list[list[GroupOutcome]]  # per ref: its groups' outcomes, in order ([] when unscored)
+    accepted: list[float]  # U of the segments the threshold accepted, pooled over shards
+
+    @property
+    def groups(self) -> list[GroupOutcome]:
+        return [o for shard in self.outcomes for o in shard]
 
 
 def shard(n_items: int, n_shards: int) -> list[range]:
@@ -70,12 +87,10 @@ class GeneratorGroup:
 
     def generate(self, problems: Sequence[Problem], prompts: Sequence[list[int]], group_ids: Sequence[int],
                  group_size: Optional[int] = None, heal: Optional[bool] = None,
-                 seed: Optional[int] = None, update_history: bool = False) -> tuple[list, dict[str, float]]:
-        """-> (one trajectory-list ref per non-empty shard, merged stats). Payloads stay in the store.
-
-        `update_history`: a training step folds its accepted segments into the threshold history;
-        evaluation leaves it alone (held-out problems never shape training thresholds).
-        """
+                 seed: Optional[int] = None) -> Rollout:
+        """One fan-out and gather; every actor is handed the same history. The history is left
+        alone: a training step folds its accepted segments in with `fold_history`, once (evaluation
+        never does: held-out problems never shape training thresholds)."""
         shards = shard(len(problems), len(self.actors))
         calls = {}
         for i, s in enumerate(shards):
@@ -97,9 +112,13 @@ class GeneratorGroup:
                     traj_ref, stats_ref = self._submit(i, shards[i], problems, prompts, group_ids, group_size, heal,
                                                        seed)
         accepted = [u for s in stats for u in s.pop(ACCEPTED_KEY, [])]
-        if update_history:
-            self.history = self.history.update(accepted)
-        return refs, merge_stats(stats) | {"gen/recovered_shards": float(self.recovered_shards)}
+        outcomes = [s.pop(OUTCOMES_KEY, []) for s in stats]
+        merged = merge_stats(stats) | {"gen/recovered_shards": float(self.recovered_shards)}
+        return Rollout(refs, merged, outcomes, accepted)
+
+    def fold_history(self, accepted: Sequence[float]) -> None:
+        """One EMA step of the threshold history with a training step's accepted segments."""
+        self.history = self.history.update(accepted)
 
     def _revive(self, i: int, timeout_s: float = 300.0) -> None:
         """Wait until Ray has restarted actor i (calls fail with ActorUnavailableError meanwhile), then

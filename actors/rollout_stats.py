@@ -6,6 +6,7 @@ import math
 from collections import Counter
 from typing import Sequence
 
+from e3rl.core.dynamic_sampling import GroupOutcome
 from e3rl.core.threshold import accepted_mask
 from e3rl.core.trajectory import Trajectory
 
@@ -80,6 +81,21 @@ def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def merge_rounds(rounds: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Combine the merged stats of consecutive generation rounds of one step: as `merge_stats`, but
+    the rounds ran one after another, so their seconds add; `gen/recovered_shards` (a running
+    count) is the last round's. One round's stats come back as they are."""
+    if len(rounds) == 1:
+        return dict(rounds[0])
+    out = merge_stats(rounds)
+    if rounds:
+        out["gen/seconds"] = sum(r.get("gen/seconds", 0.0) for r in rounds)
+        out["gen/tokens_per_s"] = out["gen/tokens_produced"] / max(out["gen/seconds"], 1e-9)
+        if "gen/recovered_shards" in rounds[-1]:
+            out["gen/recovered_shards"] = rounds[-1]["gen/recovered_shards"]
+    return out
+
+
 ACCEPTED_KEY = "accepted_uncertainty"
 """Stats key of the accepted segments' U (a list, not a metric): the driver pops it to update the
 threshold history once per training step, pooled over all generators."""
@@ -92,3 +108,18 @@ def accepted_uncertainties(trajs: Sequence[Trajectory]) -> list[float]:
         s = t.segments
         out += s.uncertainty[accepted_mask(s.uncertainty, s.threshold, s.erased)].tolist()
     return out
+
+
+OUTCOMES_KEY = "group_outcomes"
+"""Stats key of the scored groups' `GroupOutcome`s (a list, not a metric): the driver pops it to
+choose the groups dynamic sampling trains."""
+
+
+def group_outcomes(trajs: Sequence[Trajectory]) -> list[GroupOutcome]:
+    """(group id, #correct, size) of every group, in order of first appearance."""
+    counts: dict[int, list[int]] = {}
+    for t in trajs:
+        c = counts.setdefault(t.group_id, [0, 0])
+        c[0] += int(t.correct)
+        c[1] += 1
+    return [GroupOutcome(g, correct, size) for g, (correct, size) in counts.items()]

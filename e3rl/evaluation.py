@@ -36,8 +36,8 @@ def evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed:
         if not es.problems:
             continue
         groups = [EVAL_GROUP_BASE + i for i in range(len(es.problems))]
-        refs, stats = generators.generate(es.problems, es.prompts, groups, group_size=k, heal=heal, seed=seed)
-        trajs = [t for part in ray.get(refs) for t in part]
+        rollout = generators.generate(es.problems, es.prompts, groups, group_size=k, heal=heal, seed=seed)
+        trajs, stats = [t for part in ray.get(rollout.refs) for t in part], rollout.stats
         per_problem = [[float(t.correct) for t in trajs[i * k:(i + 1) * k]] for i in range(len(es.problems))]
         metrics = aggregate([(es.name, scores) for scores in per_problem], default_ks(k))[es.name]
         metrics |= {"rewinds_per_sample": stats["e3rl/rewinds_per_sample"], "samples": stats["gen/samples"],

@@ -1,7 +1,7 @@
 """The driver loop: one timed line per phase. No math here (it lives in e3rl.core and the roles)
 and no algorithm switches (chosen at setup, in the config's derived values).
 
-    data -> generate -> buffer -> train -> sync -> (eval, checkpoint) -> log
+    (data -> generate, one or more rounds) -> buffer -> train -> sync -> (eval, checkpoint) -> log
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import ray
+
+from e3rl.batching import DynamicSampling, NextBatch, collect_batch
 
 
 @dataclass
@@ -49,7 +51,7 @@ class LoopState:
 class Hooks:
     """The run's side effects, injected so the loop stays a loop."""
 
-    next_batch: Callable[[int], tuple[list, list, list]]  # step -> (problems, prompt ids, group ids)
+    next_batch: NextBatch  # (step, generation round) -> (problems, prompt ids, group ids)
     evaluate: Callable[[int], dict[str, float]]
     checkpoint: Callable[[], None]
     log: Callable[[int, dict[str, float]], None]
@@ -64,18 +66,16 @@ def sync_weights(roles: Roles) -> int:
 
 
 def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int, save_every: int,
-          hooks: Hooks) -> LoopState:
+          hooks: Hooks, sampling: DynamicSampling = DynamicSampling()) -> LoopState:
     """Run steps state.step+1 .. steps; returns the final state (also updated in place)."""
     state.version = sync_weights(roles)
     while state.step < steps and not hooks.should_stop():
         t = PhaseTimer()
-        with t("data"):
-            problems, prompts, groups = hooks.next_batch(state.step)
-        with t("generate"):
-            refs, gen = roles.generators.generate(problems, prompts, groups, seed=seed * 100_003 + state.step,
-                                                  update_history=True)
+        batch = collect_batch(roles.generators, hooks.next_batch, state.step, seed * 100_003 + state.step,
+                              sampling, timer=t)  # the "data" and "generate" phases, each round
+        roles.generators.fold_history(batch.accepted)
         with t("buffer"):
-            ray.get(roles.buffer.put.remote(refs, state.version, int(gen["gen/samples"])))
+            ray.get(roles.buffer.put.remote(batch.refs, state.version, batch.trained_samples))
             item = ray.get(roles.buffer.get.remote(state.version))
         with t("train"):
             learn = roles.learner.train_step(item.refs)
@@ -83,10 +83,10 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
             state.version = sync_weights(roles)
         state.history = asdict(roles.generators.history)
         state.step += 1
-        state.samples += int(gen["gen/samples"])
+        state.samples += batch.generated_samples
         hooks.trace(state.step, item.refs)
-        metrics = gen | learn | t.as_metrics() | {"sync/policy_version": float(state.version),
-                                                  "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
+        metrics = batch.metrics | learn | t.as_metrics() | {"sync/policy_version": float(state.version),
+                                                            "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
         if eval_every and state.step % eval_every == 0 and state.step < steps:
             metrics |= hooks.evaluate(state.step)
         hooks.log(state.step, metrics)  # then the checkpoint: a crash between them redoes and re-logs the step

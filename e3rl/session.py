@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from e3rl import rundir
+from e3rl.batching import DynamicSampling
 from e3rl.config import Config
+from e3rl.core.dynamic_sampling import round_group_ids
 from e3rl.core.passk import flatten
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.data import encode_prompts, load_workload
@@ -86,10 +88,12 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
             out |= flatten(healed, prefix="eval_healed") | {"eval/accuracy_healed": headline(healed, k)}
         return out
 
-    def next_batch(step: int) -> tuple[list, list, list]:
+    sampling = DynamicSampling.from_config(cfg)
+
+    def next_batch(step: int, round_: int) -> tuple[list, list, list]:
         problems = stream.next_batch()
-        state.cursor = stream.state()
-        groups = [step * len(problems) + i for i in range(len(problems))]
+        state.cursor = stream.state()  # after a step's last round: what its checkpoint saves
+        groups = round_group_ids(step, round_, sampling.rounds, len(problems))
         return problems, encode_prompts(cfg, problems, tokenizer), groups
 
     def checkpoint() -> None:
@@ -106,7 +110,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     logger.log(state.step, before)
     hooks = Hooks(next_batch, run_eval, checkpoint, logger.log, lambda: stop.stop, trace)
     first_step = state.step
-    train(roles, state, cfg.run.steps, cfg.run.seed, cfg.run.eval_every, cfg.run.save_every, hooks)
+    train(roles, state, cfg.run.steps, cfg.run.seed, cfg.run.eval_every, cfg.run.save_every, hooks, sampling)
     checkpoint()
     if not stop.stop:  # interrupted: the checkpoint is written; export and evaluate when the run completes
         roles.learner.export_hf(str(out / "policy"))

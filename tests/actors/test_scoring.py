@@ -27,7 +27,7 @@ def test_auto_reward_uses_gym_scorer_and_math_verify_and_fills_correct():
     math = Problem("m", "half?", "\\frac{1}{2}", "test")
     trajs = [_traj(f"so \\boxed{{{gym[0].answer}}}"), _traj("\\boxed{7}"), _traj("\\boxed{0.5}"), _traj("no")]
     with Scorer(load_config().reward) as scorer:
-        stats = score(trajs, [gym[0], math], 2, scorer)
+        stats = score(trajs, [gym[0], math], 2, scorer, max_len=32)
     assert [t.reward for t in trajs] == [1.0, 0.0, 1.0, 0.0]
     assert [t.correct for t in trajs] == [True, False, True, False]
     assert stats == {"reward/accuracy": 0.5, "reward/timeouts": 0.0, "reward/errors": 0.0}
@@ -62,6 +62,29 @@ def test_partial_credit_is_shaping_only():
     assert score_response(on, f"\\boxed{{{p.answer}}}", p) == Score(1.0, True)  # full credit: no partial on top
 
 
+def test_overlong_punishment_counts_kept_tokens_and_never_changes_correct():
+    from actors.generator_actor import score
+    from e3rl.rewards import Scorer
+
+    def long(text: str, kept: int, erased: int) -> Trajectory:
+        t = _traj(text)
+        t.stream_ids = torch.arange(kept + erased)
+        t.erased_at = torch.tensor([erased] * erased + [-1] * kept)  # an erased first attempt, then kept tokens
+        return t
+
+    p = Problem("m", "q", "3", "test")
+    trajs = [long("\\boxed{3}", kept=13, erased=5), long("\\boxed{4}", kept=16, erased=0),
+             long("\\boxed{3}", kept=12, erased=9)]
+    cfg = load_config(None, ["reward.fn=math_verify", "reward.overlong_buffer=4", "gen.max_new_tokens=16"]).reward
+    with Scorer(cfg) as scorer:
+        stats = score(trajs, [p], 3, scorer, max_len=16)
+    # max_len 16, buffer 4: 13 kept tokens -> -1/4, 16 -> -1, 12 -> 0 (erased tokens do not count)
+    assert [t.reward for t in trajs] == pytest.approx([0.75, -1.0, 1.0])
+    assert [t.correct for t in trajs] == [True, False, True]
+    assert stats["reward/accuracy"] == pytest.approx(2 / 3)
+    assert stats["reward/overlong_penalty"] == pytest.approx(-1.25 / 3)
+
+
 def test_merge_stats_sums_reward_counts_and_weights_accuracy_by_samples():
     part = {"gen/tokens_produced": 10.0, "gen/seconds": 1.0}
     merged = merge_stats([
@@ -69,6 +92,18 @@ def test_merge_stats_sums_reward_counts_and_weights_accuracy_by_samples():
         part | {"gen/samples": 6.0, "reward/accuracy": 0.5, "reward/timeouts": 2.0, "reward/errors": 1.0}])
     assert merged["reward/timeouts"] == 3.0 and merged["reward/errors"] == 1.0
     assert merged["reward/accuracy"] == pytest.approx((2 * 1.0 + 6 * 0.5) / 8)
+
+
+def test_merge_rounds_adds_the_seconds_of_consecutive_rounds():
+    from actors.rollout_stats import merge_rounds
+
+    a = {"gen/samples": 8.0, "gen/tokens_produced": 100.0, "gen/seconds": 2.0, "gen/peak_kv_bytes": 5.0,
+         "reward/accuracy": 0.25, "gen/recovered_shards": 0.0, "gen/tokens_per_s": 50.0}
+    b = a | {"gen/seconds": 3.0, "gen/peak_kv_bytes": 7.0, "reward/accuracy": 0.75, "gen/recovered_shards": 1.0}
+    m = merge_rounds([a, b])
+    assert (m["gen/samples"], m["gen/seconds"], m["gen/peak_kv_bytes"], m["gen/recovered_shards"]) == (16, 5, 7, 1)
+    assert m["gen/tokens_per_s"] == pytest.approx(200 / 5) and m["reward/accuracy"] == pytest.approx(0.5)
+    assert merge_rounds([a]) == a
 
 
 def test_correct_survives_the_arrow_codec_and_old_traces_read_as_not_correct():

@@ -60,13 +60,13 @@ def looped(ray_session, tmp_path_factory):
     stream = PromptStream(work.train, cfg.algo.prompts_per_step, seed=cfg.data.seed)
     roles = build_roles(cfg)
     try:
-        gen = _Recorder(roles.generators, "generate", lambda args, res: res[0])
+        gen = _Recorder(roles.generators, "generate", lambda args, res: res.refs)
         learner = _Recorder(roles.learner, "train_step", lambda args, res: args[0])
         logged: list[tuple[int, dict]] = []
         checkpoints: list[int] = []
         state = LoopState()
 
-        def next_batch(step: int):
+        def next_batch(step: int, round_: int):
             problems = stream.next_batch()
             return problems, encode_prompts(cfg, problems, tok), [step * len(problems) + i
                                                                    for i in range(len(problems))]
