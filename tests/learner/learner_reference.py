@@ -82,11 +82,13 @@ def reference_ppo_step(model: torch.nn.Module, opt: torch.optim.Optimizer, trajs
     for idx in mini_batches:
         mb = [trajs[i] for i in idx]
         logits, mbb, _ = reference_logits(model, mb, spec.answer_tokens)
+        if cfg.algo.overlong_filter:  # truncated samples carry no loss (they did count in the advantages)
+            mbb.mask[torch.tensor([t.finish_reason in ("length", "stream_cap") for t in mb])] = 0.0
         logp = token_logprobs(logits, mbb.stream_ids, cfg.gen.temperature) * mbb.mask
         width = mbb.mask.shape[1]
         old = pad_tokens([old_all[i, : trajs[i].stream_ids.numel()] for i in idx], width)
         adv = pad_tokens([adv_rows[i] for i in idx], width)
-        settings = _settings(cfg, float(mbb.mask.sum()), float(len(mb)))
+        settings = _settings(cfg, float(mbb.mask.sum()), float((mbb.mask.sum(-1) > 0).sum()))
         loss, _ = LOSSES[cfg.algo.loss](LossInputs(logp, old, adv, mbb.mask, None, _is_weight(cfg, old, mbb)), settings)
         out.append(_apply(model, opt, loss, cfg))
     return out

@@ -1,6 +1,6 @@
 """PPO-style updates on two real ZeRO-3 ranks against plain torch: a no-grad pass freezes pi_old and
 the segment advantages (attention allocation included), then 2 epochs x 2 mini-batches of AdamW
-steps on streams with erased segments. The ratio moves off 1 after the first step, so the clip
+steps on streams with erased segments, one truncated sample masked out (DAPO overlong filtering). The ratio moves off 1 after the first step, so the clip
 acts, and a different clip range gives a different update from then on (never before).
 """
 import dataclasses
@@ -28,7 +28,7 @@ def ppo(ray_session, tmp_path_factory, tokenizer):
         model=ModelConfig(path=str(model_dir), device="cpu", attn_implementation="sdpa"),
         learner=LearnerConfig(num_workers=2, lr=1e-3, weight_decay=0.01, micro_batch_size=2, grad_clip=1.0),
         algo=AlgoConfig(prompts_per_step=2, mini_batch_prompts=1, epochs=2, allocation="attention", answer_tokens=4,
-                        alloc_mix=0.7, clip_low=CLIP, clip_high=CLIP, tis_cap=1.2),
+                        alloc_mix=0.7, clip_low=CLIP, clip_high=CLIP, tis_cap=1.2, overlong_filter=True),
         gen=GenConfig(group_size=4, temperature=0.8),
         resources=ResourcesConfig(cpus_per_learner=0.5),
     ).validate()
@@ -38,6 +38,7 @@ def ppo(ray_session, tmp_path_factory, tokenizer):
     # 7 sequences (groups of 4 and 3): the ranks' shards and mini-batches are uneven.
     trajs = synthetic_trajectories(2, 4, prompt_len=5, seg_len=5, n_segments=3, vocab=49152, seed=11)[:7]
     assert any(t.segments.erased.any() for t in trajs)  # the stream loss covers erased attempts
+    trajs[2].finish_reason = "length"  # overlong filtering: no loss, but still in its group's advantage
     fill_behavior_logp(trajs, load_model(tiny_model_config(), seed=0), cfg.gen.temperature, noise=0.3)
     metrics = group.train_step(trajs)
     yield SimpleNamespace(cfg=cfg, state=group.state_dict(), metrics=metrics, trajs=trajs, model_dir=model_dir)
