@@ -248,6 +248,10 @@ class LearnerConfig:
     """Offload optimizer states to CPU (large models on few GPUs)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (long streams on GPU)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Training precision. `bfloat16`: DeepSpeed's bf16 mode (bf16 weights and activations, fp32
+    master weights, gradient accumulation and optimizer state; log-probs in fp32). `auto`: bf16 on
+    CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Choices and why:
 - ZeRO stage from `learner.zero_stage` (3: parameters, gradients and optimizer states sharded).
-- fp32 on CPU (no bf16 kernels worth having there), bf16 on GPU.
+- bf16 mixed precision when the learner's dtype is bf16 (`learner.dtype`): DeepSpeed's own bf16
+  mode, with fp32 master weights / optimizer state and gradients accumulated in fp32 (explicit
+  `data_types.grad_accum_dtype`, ZeRO-3's default too); fp32 otherwise.
 - `optimizer: AdamW` with `torch_adam: true`: DeepSpeed instantiates `torch.optim.AdamW`, so no
   C++ op is JIT-built (FusedAdam / CPUAdam take 1.5-2 min to compile on a fresh machine).
 - Batch sizes are consistent by construction: train_batch_size = micro x accumulation x ranks.
@@ -53,13 +55,21 @@ def zero_section(lc: LearnerConfig) -> dict[str, Any]:
     return z
 
 
-def build_ds_config(cfg: Config, world_size: int, device_type: str, *, with_optimizer: bool = True) -> dict[str, Any]:
-    """DeepSpeed config dict for `world_size` ranks on `device_type` ("cpu" | "cuda").
+def build_ds_config(cfg: Config, world_size: int, device_type: str, *, with_optimizer: bool = True,
+                    bf16: bool | None = None) -> dict[str, Any]:
+    """DeepSpeed config dict for `world_size` ranks on `device_type` ("cpu" | "cuda"); `bf16`
+    defaults to what `learner.dtype` resolves to on that device.
 
     `with_optimizer=False` gives the config of a frozen ZeRO-3 reference model (no optimizer,
     scheduler or clipping).
     """
     lc = cfg.learner
+    if bf16 is None:
+        import torch
+
+        from learner.precision import learner_dtype
+
+        bf16 = learner_dtype(lc.dtype, torch.device(device_type)) == torch.bfloat16
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     gas = cfg.grad_accum_steps
@@ -68,11 +78,13 @@ def build_ds_config(cfg: Config, world_size: int, device_type: str, *, with_opti
         "gradient_accumulation_steps": gas,
         "train_batch_size": lc.micro_batch_size * gas * world_size,
         "zero_optimization": zero_section(lc),
-        "bf16": {"enabled": device_type == "cuda"},
+        "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if with_optimizer:
         ds["gradient_clipping"] = lc.grad_clip
         ds["optimizer"] = optimizer_section(lc)

@@ -83,14 +83,27 @@ def _buckets(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]
     return out + ([cur] if cur else [])
 
 
-def gather_state_dict(module: nn.Module, rank: int = 0, bucket_bytes: int = BUCKET_BYTES) -> Optional[dict[str, torch.Tensor]]:
+def gather_state_dict(module: nn.Module, rank: int = 0, bucket_bytes: int = BUCKET_BYTES,
+                      master: bool = False) -> Optional[dict[str, torch.Tensor]]:
     """Full state_dict of a (possibly ZeRO-3 partitioned) module as CPU tensors on rank 0; None elsewhere.
 
     Collective under ZeRO-3: every rank must call it. Tied weights share one CPU tensor.
+    `master`: trained parameters come from the optimizer's fp32 master copies (bf16 mixed
+    precision: the module holds only their bf16 roundings, which must never be published).
     """
     named = module.state_dict(keep_vars=True)  # names incl. aliases; ZeRO-3 params are empty here
     cpu: dict[int, torch.Tensor] = {}
-    sharded = list({id(t): t for t in named.values() if _is_zero3(t)}.values())
+    done: set[int] = set()  # the same on every rank, so the collectives below match
+    if master:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for t in {id(t): t for t in named.values() if t.requires_grad}.values():
+            full = safe_get_full_fp32_param(t)  # collective: an all-gather of the fp32 partitions
+            if full is not None:
+                done.add(id(t))
+                if rank == 0:
+                    cpu[id(t)] = full.detach().to("cpu", copy=True).view(t.ds_shape if _is_zero3(t) else t.shape)
+    sharded = list({id(t): t for t in named.values() if _is_zero3(t) and id(t) not in done}.values())
     if sharded:
         import deepspeed
 
@@ -105,3 +118,14 @@ def gather_state_dict(module: nn.Module, rank: int = 0, bucket_bytes: int = BUCK
         if id(t) not in cpu:
             cpu[id(t)] = t.detach().to("cpu", copy=True)
     return {k: cpu[id(t)] for k, t in named.items()}
+
+
+def set_fp32_masters(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite the optimizer's fp32 master copies with exact fp32 values (bf16 mixed precision
+    builds them from the bf16-rounded module, which would lose the low bits of fp32 weights).
+    Local on every rank: each copies its own partition."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            safe_set_full_fp32_param(p, state[name].to(torch.float32))

@@ -37,14 +37,15 @@ import torch
 from e3rl.config import Config
 from e3rl.core.loss import LOSSES, LossInputs, LossSettings, truncated_is_weight
 from e3rl.core.trajectory import Trajectory
-from e3rl.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from e3rl.models import load_model, load_tokenizer, resolve_device
 from learner import checkpoint as ckpt
 from learner.advantages import AdvantageSpec, batch_token_advantages, outcome_advantages
 from learner.ds_config import build_ds_config
 from learner.stream_batch import (StreamBatch, StreamPolicy, collate, install_attention_capture, logprobs_and_entropy,
                                   pad_tokens, policy_forward, split_attention, stream_logprobs)
+from learner.precision import learner_dtype
 from learner.updates import Update, freeze_batches, plan_updates
-from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict
+from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict, set_fp32_masters
 
 
 TRUNCATED = ("length", "stream_cap")
@@ -105,7 +106,8 @@ class LearnerWorker:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = resolve_device(cfg.model.device)
-        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.dtype = learner_dtype(cfg.learner.dtype, self.device)  # compute dtype; masters are fp32
+        self.bf16 = self.dtype == torch.bfloat16
         self.spec = AdvantageSpec.from_config(cfg)
         self.version = 0
         self.skipped_steps = 0
@@ -142,7 +144,10 @@ class LearnerWorker:
         policy = StreamPolicy(self._build_lm(ds, init_state, seed))
         if self.spec.needs_attention:
             self.capture = install_attention_capture(policy.lm)
+        exact = self._fp32_source(policy.lm, init_state)
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=list(policy.parameters()), config=ds)
+        if exact is not None:
+            set_fp32_masters(self.engine.module.lm, exact)
         self._set_mode(self.engine)
         if self.cfg.algo.kl_coef > 0:
             ref = StreamPolicy(self._build_lm(ds, init_state, seed)).requires_grad_(False)
@@ -164,7 +169,7 @@ class LearnerWorker:
         """
         m = self.cfg.model
         if m.path == "random" or init_state is not None:
-            lm = load_model(m, device=torch.device("cpu"), dtype=self.dtype, seed=seed)
+            lm = load_model(m, device=torch.device("cpu"), dtype=torch.float32, seed=seed)
             if init_state is not None:
                 lm.load_state_dict(init_state, strict=True)
             return lm.to(self.device)
@@ -172,7 +177,15 @@ class LearnerWorker:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(ds)
-        return load_model(m, device=self.device, dtype=self.dtype, seed=seed)
+        return load_model(m, device=self.device, dtype=torch.float32, seed=seed)
+
+    def _fp32_source(self, lm: torch.nn.Module, init_state: Optional[dict]) -> Optional[dict[str, torch.Tensor]]:
+        """Exact fp32 weights for the bf16 run's master copies, where we hold them whole (random
+        and explicit state_dicts). A pretrained checkpoint streamed into ZeRO-3 partitions starts
+        from its bf16 rounding instead: exact for bf16 checkpoints such as Qwen3's."""
+        if not self.bf16 or (self.cfg.model.path != "random" and init_state is None):
+            return None
+        return {n: p.detach().clone() for n, p in lm.named_parameters()}
 
     def _set_mode(self, engine: Any) -> None:
         """Eval mode (no dropout: ratios must compare like with like) unless activations are
@@ -353,7 +366,7 @@ class LearnerWorker:
     # ------------------------------------------------------------------ weights, checkpoints
     def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Collective: the HF state_dict (CPU tensors) on rank 0, None elsewhere."""
-        return gather_state_dict(self.engine.module.lm, self.rank)
+        return gather_state_dict(self.engine.module.lm, self.rank, master=self.bf16)
 
     def publish_weights(self, sync: Optional[WeightSync] = None) -> Optional[WeightHandle]:
         """Collective: gather on rank 0 and publish once with the policy version."""

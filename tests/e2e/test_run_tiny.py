@@ -4,7 +4,8 @@ Two runs, started together to share the wall clock (each is mostly Ray/actor sta
 - E3RL with self-healing forced aggressive (threshold_k=0, no history, no erase penalty) and a
   reward with in-group variance (`length_reward` below: the tiny random model never solves a task,
   so the default reward is all 0, every advantage 0 and training would not move a weight);
-- plain GRPO (`algo.e3rl=false`): no rewinds, uniform allocation.
+- plain GRPO (`algo.e3rl=false`): no rewinds, uniform allocation, the learner in bf16 mixed precision
+  (the E3RL run keeps fp32, so its generator and learner log-probs must agree exactly).
 Each subprocess gets its own embedded Ray (RAY_AUTH_MODE=disabled, RAY_ADDRESS unset).
 """
 from __future__ import annotations
@@ -64,8 +65,9 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_runs")
     t0 = time.time()
     e3, e3_log = start_run(base / "e3rl", "run.steps=3", "run.save_every=1", f"reward.fn={REWARD_FN}",
-                           "heal.threshold_k=0", "heal.history_weight=0", "heal.penalty_scale=0")
-    grpo, grpo_log = start_run(base / "grpo", "run.steps=2", "algo.e3rl=false")
+                           "heal.threshold_k=0", "heal.history_weight=0", "heal.penalty_scale=0",
+                           "learner.dtype=float32")  # fp32 like the generator: log-probs must agree exactly
+    grpo, grpo_log = start_run(base / "grpo", "run.steps=2", "algo.e3rl=false", "learner.dtype=bfloat16")
     finish(e3, e3_log)
     finish(grpo, grpo_log)
     print(f"two tiny runs in {time.time() - t0:.0f} s")
@@ -193,7 +195,9 @@ def test_grpo_baseline_switch(runs):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["e3rl/rewinds_per_sample"] == 0.0 for r in rows)
     assert all(r["e3rl/erased_token_frac"] == 0.0 for r in rows)
-    assert all(r["learner/logp_diff_mean"] < 1e-3 for r in rows)
+    # bf16 learner vs fp32 generator: close, not equal (bf16 rounding; the tiny model's log-probs
+    # average -12, measured mean |diff| ~0.02), and the published weights are the fp32 masters
+    assert all(0 < r["learner/logp_diff_mean"] < 0.05 for r in rows)
     assert [r["sync/policy_version"] for r in rows] == [1.0, 2.0]
     assert s["eval_before"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0
     assert s["eval_after"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0

@@ -24,9 +24,12 @@ def test_batch_sizes_consistent(mbs, workers):
 
 def test_stage_precision_clip_and_torch_adamw():
     cfg = _cfg(zero_stage=3, grad_clip=0.5, lr=3e-4, weight_decay=0.1, betas=(0.8, 0.95))
-    cpu, gpu = build_ds_config(cfg, 2, "cpu"), build_ds_config(cfg, 2, "cuda")
+    cpu, gpu = build_ds_config(cfg, 2, "cpu", bf16=False), build_ds_config(cfg, 2, "cuda")
     assert cpu["zero_optimization"]["stage"] == 3
     assert compute_dtype_name(cpu) == "float32" and compute_dtype_name(gpu) == "bfloat16"
+    assert gpu["data_types"] == {"grad_accum_dtype": "fp32"} and "data_types" not in cpu
+    assert compute_dtype_name(build_ds_config(_cfg(dtype="float32"), 1, "cuda")) == "float32"
+    assert compute_dtype_name(build_ds_config(_cfg(dtype="bfloat16"), 1, "cpu")) == "bfloat16"
     assert cpu["gradient_clipping"] == 0.5
     opt = cpu["optimizer"]
     assert opt["type"] == "AdamW" and opt["params"]["torch_adam"] is True  # no FusedAdam/CPUAdam build
@@ -52,3 +55,18 @@ def test_deepspeed_accepts_it_and_builder_does_not_import_it():
     assert parsed.zero_optimization_stage == 3 and parsed.optimizer_name == "adamw" and parsed.scheduler_name == "WarmupLR"
     code = "import sys, learner.ds_config; sys.exit('deepspeed' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
+
+
+def test_auto_precision_follows_the_cpu_flags(tmp_path):
+    import torch
+
+    from learner.precision import cpu_has_native_bf16, learner_dtype
+
+    with_bf16, without = tmp_path / "a", tmp_path / "b"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert cpu_has_native_bf16(str(with_bf16)) and not cpu_has_native_bf16(str(without))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+    assert learner_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert learner_dtype("float32", torch.device("cuda")) == torch.float32
+    assert learner_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)

@@ -26,7 +26,8 @@ def ppo(ray_session, tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(model_dir)
     cfg = Config(
         model=ModelConfig(path=str(model_dir), device="cpu", attn_implementation="sdpa"),
-        learner=LearnerConfig(num_workers=2, lr=1e-3, weight_decay=0.01, micro_batch_size=2, grad_clip=1.0),
+        learner=LearnerConfig(num_workers=2, lr=1e-3, weight_decay=0.01, micro_batch_size=2, grad_clip=1.0,
+                              dtype="float32"),  # compared with plain fp32 torch
         algo=AlgoConfig(prompts_per_step=2, mini_batch_prompts=1, epochs=2, allocation="attention", answer_tokens=4,
                         alloc_mix=0.7, clip_low=CLIP, clip_high=CLIP, tis_cap=1.2, overlong_filter=True),
         gen=GenConfig(group_size=4, temperature=0.8),
