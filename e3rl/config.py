@@ -240,8 +240,12 @@ class LearnerConfig:
     """Linear warm-up steps."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
-    micro_batch_size: int = 4
-    """Sequences per forward/backward on one rank."""
+    micro_batch_size: int = 16
+    """Most sequences per forward/backward on one rank."""
+    micro_batch_tokens: int = 4096
+    """Most padded tokens (sequences x the longest prompt + stream) per forward/backward: sequences
+    sorted by length are packed up to this budget, so short streams share one forward and a long
+    one gets its own. 0 = no token budget (micro_batch_size sequences)."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
@@ -477,6 +481,8 @@ def _validate(c: Config) -> None:
     _check(len(l.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in l.betas), "learner.betas",
            f"need two numbers in [0, 1), got {list(l.betas)}", "e.g. [0.9, 0.999]")
     _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1", "e.g. 4")
+    _check(l.micro_batch_tokens >= 0, "learner.micro_batch_tokens", f"must be >= 0, got {l.micro_batch_tokens}",
+           "0 = no token budget, e.g. 4096")
     _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0-3, got {l.zero_stage}", "use 3")
     _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0", "e.g. 1.0")
     _check(r.num_generators >= 1, "resources.num_generators", "must be >= 1", "e.g. 1")

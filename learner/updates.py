@@ -11,7 +11,9 @@ every rank can compute the whole plan on its own and no sizes need to be communi
   `mini_batches` near-equal chunks; mini-batch j is the union of the ranks' chunk j (a stratified
   random subset of the batch). One pass with one mini-batch keeps the shard's length order, so
   the on-policy step is the same as before mini-batches existed.
-- Within a chunk, samples are sorted by length before cutting micro-batches (less padding).
+- Within a chunk, samples are sorted by length and packed into micro-batches of at most
+  `micro_batch_size` sequences and, with a token budget, at most `micro_batch_tokens` padded
+  tokens (sequences x the longest): short streams share a forward, a long one gets its own.
 - ZeRO-3's collectives need every rank to run the same number of forwards: a rank with fewer
   samples in a mini-batch gets empty micro-batches (the worker runs zero-weight dummies).
 - Loss denominators are global per mini-batch: the trained tokens and sequences of all ranks'
@@ -19,7 +21,6 @@ every rank can compute the whole plan on its own and no sizes need to be communi
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,10 +42,26 @@ def rank_shards(lengths: Sequence[int], world_size: int) -> list[list[int]]:
     return [order[r::world_size] for r in range(world_size)]
 
 
-def micro_batches(idx: Sequence[int], lengths: Sequence[int], size: int, count: int) -> list[list[int]]:
-    """`idx` sorted by length and cut into `count` micro-batches of at most `size` (trailing ones empty)."""
-    ordered = sorted(idx, key=lambda i: lengths[i])
-    return [ordered[k * size : (k + 1) * size] for k in range(count)]
+def micro_batches(idx: Sequence[int], lengths: Sequence[int], size: int, count: int,
+                  max_tokens: int = 0) -> list[list[int]]:
+    """`idx` sorted by length and packed into micro-batches of at most `size` sequences and (if
+    max_tokens > 0) at most `max_tokens` padded tokens; padded with empty ones up to `count`."""
+    out = pack(idx, lengths, size, max_tokens)
+    return out + [[] for _ in range(count - len(out))]
+
+
+def pack(idx: Sequence[int], lengths: Sequence[int], size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Greedy packing in ascending length order: a micro-batch closes when one more sequence would
+    exceed `size` sequences or `max_tokens` padded tokens (a sequence longer than the budget still
+    gets a micro-batch of its own)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in sorted(idx, key=lambda j: lengths[j]):
+        if cur and (len(cur) >= size or (max_tokens and (len(cur) + 1) * lengths[i] > max_tokens)):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
 
 
 def chunks(idx: Sequence[int], n: int) -> list[list[int]]:
@@ -59,11 +76,12 @@ def chunks(idx: Sequence[int], n: int) -> list[list[int]]:
 
 
 def plan_updates(lengths: Sequence[int], trained: Sequence[int], world_size: int, rank: int,
-                 micro_batch_size: int, mini_batches: int, epochs: int, seed: int) -> list[Update]:
+                 micro_batch_size: int, mini_batches: int, epochs: int, seed: int,
+                 micro_batch_tokens: int = 0) -> list[Update]:
     """The optimizer steps of one training step, for `rank`.
 
-    lengths: stream tokens per sample (the forward's cost); trained: tokens that carry loss (0 for
-    a sample whose loss is masked, e.g. by overlong filtering). seed: shared by all ranks.
+    lengths: prompt + stream tokens per sample (the forward's cost); trained: tokens that carry
+    loss (0 for a sample whose loss is masked, e.g. by overlong filtering). seed: shared by all ranks.
     """
     shards = rank_shards(lengths, world_size)
     gen = torch.Generator().manual_seed(seed)
@@ -76,18 +94,26 @@ def plan_updates(lengths: Sequence[int], trained: Sequence[int], world_size: int
             per_rank.append(chunks(shard, mini_batches))
         for j in range(mini_batches):
             parts = [per_rank[r][j] for r in range(world_size)]
-            n_micro = max(1, max(math.ceil(len(p) / micro_batch_size) for p in parts))
+            n_micro = max(1, max(len(pack(p, lengths, micro_batch_size, micro_batch_tokens)) for p in parts))
             members = [i for p in parts for i in p]
             updates.append(Update(
-                micro=micro_batches(parts[rank], lengths, micro_batch_size, n_micro),
+                micro=micro_batches(parts[rank], lengths, micro_batch_size, n_micro, micro_batch_tokens),
                 total_tokens=float(max(1, sum(trained[i] for i in members))),
                 total_seqs=float(max(1, sum(1 for i in members if trained[i] > 0))),
             ))
     return updates
 
 
-def freeze_batches(lengths: Sequence[int], world_size: int, rank: int, micro_batch_size: int) -> list[list[int]]:
+def freeze_batches(lengths: Sequence[int], world_size: int, rank: int, micro_batch_size: int,
+                   micro_batch_tokens: int = 0) -> list[list[int]]:
     """Micro-batches of this rank's whole shard for the no-grad freezing pass (same count on every rank)."""
     shards = rank_shards(lengths, world_size)
-    n_micro = max(1, max(math.ceil(len(s) / micro_batch_size) for s in shards))
-    return micro_batches(shards[rank], lengths, micro_batch_size, n_micro)
+    n_micro = max(1, max(len(pack(s, lengths, micro_batch_size, micro_batch_tokens)) for s in shards))
+    return micro_batches(shards[rank], lengths, micro_batch_size, n_micro, micro_batch_tokens)
+
+
+def padding_fraction(micro: Sequence[Sequence[int]], lengths: Sequence[int]) -> tuple[int, int]:
+    """(real tokens, padded tokens) of a list of micro-batches: what right-padding costs."""
+    real = sum(lengths[i] for mb in micro for i in mb)
+    padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in micro if mb)
+    return real, padded

@@ -44,14 +44,13 @@ from learner.ds_config import build_ds_config
 from learner.stream_batch import (StreamBatch, StreamPolicy, collate, install_attention_capture, logprobs_and_entropy,
                                   pad_tokens, policy_forward, split_attention, stream_logprobs)
 from learner.precision import learner_dtype
+from learner.step_stats import StepSums
 from learner.updates import Update, freeze_batches, plan_updates
 from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict, set_fp32_masters
 
 
 TRUNCATED = ("length", "stream_cap")
 """Finish reasons of a sample cut by a length limit (what overlong filtering masks)."""
-STATS = 10
-"""Per micro-batch sums: loss, clip, kl, entropy, |logp diff|, tokens, non-finite, ref kl, IS weight; then max |diff|."""
 
 
 def free_port() -> int:
@@ -235,7 +234,8 @@ class LearnerWorker:
         """The no-grad pass before the first of several optimizer steps: pi_old and the token
         advantages (attention allocation included) of this rank's samples, frozen for the step."""
         frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for idx in freeze_batches(lengths, self.world_size, self.rank, self.cfg.learner.micro_batch_size):
+        lc = self.cfg.learner
+        for idx in freeze_batches(lengths, self.world_size, self.rank, lc.micro_batch_size, lc.micro_batch_tokens):
             rows = idx or [0]  # a dummy forward keeps ZeRO-3's collectives in step
             batch = self._collate([trajs[j] for j in rows], [trained[j] for j in rows])
             logp, _, adv = self._forward(batch, [trajs[j] for j in rows], outcome[rows])
@@ -245,8 +245,8 @@ class LearnerWorker:
         return frozen
 
     def _micro_step(self, trajs: list[Trajectory], idx: list[int], outcome: torch.Tensor, trained: list[bool],
-                    settings: LossSettings, frozen: Optional[dict]) -> torch.Tensor:
-        """Forward, loss, backward for one micro-batch (idx empty = a zero-weight dummy). -> local stats [STATS]."""
+                    settings: LossSettings, frozen: Optional[dict]) -> StepSums:
+        """Forward, loss, backward for one micro-batch (idx empty = a zero-weight dummy). -> its sums."""
         t0 = time.perf_counter()
         rows = idx or [0]
         mb = [trajs[j] for j in rows]
@@ -275,14 +275,16 @@ class LearnerWorker:
         self.engine.backward(loss * self.world_size if finite else loss * float("nan"), scale_wrt_gas=False)
         self._times["forward_s"] += t1 - t0
         self._times["backward_s"] += time.perf_counter() - t1
-        n = batch.mask.sum()
+        n = float(batch.mask.sum())
         diff = (old - batch.behavior_logp).abs() * batch.mask  # learner (pi_old) vs generator numerics
         w = is_weight if is_weight is not None else batch.mask
-        return torch.tensor([
-            float(loss.detach()) if finite else 0.0, m["clip_frac"] * float(n), m["approx_kl"] * float(n),
-            entropy, float(diff.sum()), float(n), float(not finite), m["ref_kl"] * float(n),
-            float((w * batch.mask).sum()), float(diff.max()) if finite else 0.0,
-        ], dtype=torch.float64)
+        lengths = [trajs[j].prompt_ids.numel() + trajs[j].stream_ids.numel() for j in idx]
+        return StepSums(
+            loss=float(loss.detach()) if finite else 0.0, clip_tokens=m["clip_frac"] * n, approx_kl=m["approx_kl"] * n,
+            entropy=entropy, logp_diff=float(diff.sum()), tokens=n, nonfinite=float(not finite), ref_kl=m["ref_kl"] * n,
+            tis_weight=float((w * batch.mask).sum()), real_tokens=float(sum(lengths)),
+            padded_tokens=float(len(lengths) * max(lengths, default=0)), logp_diff_max=float(diff.max()) if finite else 0.0,
+        )
 
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
         """One training step on the whole batch (every rank gets the same list): `algo.epochs`
@@ -294,24 +296,24 @@ class LearnerWorker:
         self._times = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "freeze_s": 0.0}
         outcome = outcome_advantages(trajs, self.spec.estimator)  # [N], whole groups
         trained = self._trained(trajs)
-        lengths = [t.stream_ids.numel() for t in trajs]
-        plan = plan_updates(lengths, [n if ok else 0 for n, ok in zip(lengths, trained)], self.world_size,
-                            self.rank, self.cfg.learner.micro_batch_size, self.cfg.mini_batches, self.cfg.algo.epochs,
-                            seed=self.cfg.run.seed * 1_000_003 + self.version + self.skipped_steps)
+        lengths = [t.prompt_ids.numel() + t.stream_ids.numel() for t in trajs]  # what a forward costs
+        stream = [t.stream_ids.numel() if ok else 0 for t, ok in zip(trajs, trained)]  # what carries loss
+        lc = self.cfg.learner
+        plan = plan_updates(lengths, stream, self.world_size, self.rank, lc.micro_batch_size, self.cfg.mini_batches,
+                            self.cfg.algo.epochs, seed=self.cfg.run.seed * 1_000_003 + self.version + self.skipped_steps,
+                            micro_batch_tokens=lc.micro_batch_tokens)
         frozen = None
         if len(plan) > 1:
             t1 = time.perf_counter()
             frozen = self._freeze(trajs, outcome, trained, lengths)
             self._times["freeze_s"] = time.perf_counter() - t1
-        stats = torch.zeros(STATS, dtype=torch.float64)
+        stats = StepSums()
         applied, trailing_skips, grad_norms = 0, 0, []
         for update in plan:
             settings = self._loss_settings(update)
             for i, idx in enumerate(update.micro):
                 self.engine.set_gradient_accumulation_boundary(i == len(update.micro) - 1)
-                st = self._micro_step(trajs, idx, outcome, trained, settings, frozen)
-                stats[:-1] += st[:-1]
-                stats[-1] = max(stats[-1], st[-1])
+                stats.add(self._micro_step(trajs, idx, outcome, trained, settings, frozen))
             t1 = time.perf_counter()
             self.engine.step()
             self._times["optimizer_s"] += time.perf_counter() - t1
@@ -326,31 +328,20 @@ class LearnerWorker:
         return self._step_metrics(stats, len(trajs), len(plan), applied, trailing_skips, grad_norms,
                                   time.perf_counter() - t0)
 
-    def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
-        """Sum every stat over ranks but the last (a max)."""
-        if self.world_size == 1:
-            return stats
-        import torch.distributed as dist
-
-        s = stats.to(self.device)
-        head, tail = s[:-1].clone(), s[-1:].clone()
-        dist.all_reduce(head, op=dist.ReduceOp.SUM)
-        dist.all_reduce(tail, op=dist.ReduceOp.MAX)
-        return torch.cat([head, tail]).cpu()
-
-    def _step_metrics(self, stats: torch.Tensor, n_seqs: int, n_updates: int, applied: int, trailing_skips: int,
+    def _step_metrics(self, stats: StepSums, n_seqs: int, n_updates: int, applied: int, trailing_skips: int,
                       grad_norms: list[float], seconds: float) -> dict[str, float]:
-        s = self._reduce(stats)
-        n = max(1.0, float(s[5]))  # tokens over all updates
+        s = stats.all_reduce(self.world_size, self.device)
+        n = max(1.0, s.tokens)  # trained tokens over all updates
         return {
-            "learner/loss": float(s[0]) / n_updates, "learner/clip_frac": float(s[1]) / n,
-            "learner/approx_kl": float(s[2]) / n, "learner/entropy": float(s[3]) / n,
-            "learner/logp_diff_mean": float(s[4]) / n, "learner/logp_diff_max": float(s[9]),
-            "learner/ref_kl": float(s[7]) / n, "learner/tis_weight_mean": float(s[8]) / n,
+            "learner/loss": s.loss / n_updates, "learner/clip_frac": s.clip_tokens / n,
+            "learner/approx_kl": s.approx_kl / n, "learner/entropy": s.entropy / n,
+            "learner/logp_diff_mean": s.logp_diff / n, "learner/logp_diff_max": s.logp_diff_max,
+            "learner/ref_kl": s.ref_kl / n, "learner/tis_weight_mean": s.tis_weight / n,
+            "learner/padding_frac": 1.0 - s.real_tokens / max(1.0, s.padded_tokens),
             "learner/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-            "learner/nonfinite_loss": float(s[6]), "learner/updates": float(n_updates),
+            "learner/nonfinite_loss": s.nonfinite, "learner/updates": float(n_updates),
             "learner/skipped": float(n_updates - applied), "learner/skipped_trailing": float(trailing_skips),
-            "learner/skipped_steps": float(self.skipped_steps), "learner/tokens": float(s[5]) / n_updates,
+            "learner/skipped_steps": float(self.skipped_steps), "learner/tokens": s.tokens / n_updates,
             "learner/seqs": float(n_seqs), "learner/lr": float(self.engine.get_lr()[0]),
             "learner/version": float(self.version), "learner/step_s": seconds,
             **{f"learner/{k}": v for k, v in self._times.items()},  # rank 0's phases

@@ -54,7 +54,8 @@ class _Recorder:
 def looped(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("buffer_run")
     cfg = load_config(REPO / "configs/tiny.yaml", [f"run.output_dir={out}", f"run.steps={STEPS}",
-                                                   "run.buffer_capacity=2", "resources.num_generators=2"])
+                                                   "run.buffer_capacity=2", "resources.num_generators=2",
+                                                   "learner.dtype=float32"])  # log-probs compared with the fp32 generator
     tok = load_tokenizer(cfg.model)
     work = load_workload(cfg, tok)
     stream = PromptStream(work.train, cfg.algo.prompts_per_step, seed=cfg.data.seed)

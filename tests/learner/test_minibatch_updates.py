@@ -48,7 +48,7 @@ def ppo(ray_session, tmp_path_factory, tokenizer):
 
 def _mini_batches(cfg: Config, trajs) -> list[list[int]]:
     """The global mini-batches of the learner's plan: the union of both ranks' micro-batches."""
-    lengths = [t.stream_ids.numel() for t in trajs]
+    lengths = [t.prompt_ids.numel() + t.stream_ids.numel() for t in trajs]  # as the learner plans
     seed = cfg.run.seed * 1_000_003  # policy version 0, nothing skipped
     plans = [plan_updates(lengths, lengths, 2, r, cfg.learner.micro_batch_size, cfg.mini_batches, cfg.algo.epochs, seed)
              for r in range(2)]

@@ -2,7 +2,7 @@
 cover each sample exactly once per epoch, with global per-mini-batch denominators."""
 import pytest
 
-from learner.updates import freeze_batches, plan_updates, rank_shards
+from learner.updates import freeze_batches, pack, padding_fraction, plan_updates, rank_shards
 
 LENGTHS = [7, 3, 9, 4, 4, 12, 5, 8, 6, 2, 10]  # 11 samples: uneven over ranks and mini-batches
 TRAINED = [n if i != 5 else 0 for i, n in enumerate(LENGTHS)]  # sample 5 filtered (overlong)
@@ -51,3 +51,23 @@ def test_freeze_batches_cover_the_rank_shard_with_equal_counts():
     assert len({len(b) for b in batches}) == 1
     for r, shard in enumerate(rank_shards(LENGTHS, 3)):
         assert sorted(i for mb in batches[r] for i in mb) == sorted(shard)
+
+
+def test_token_budget_packs_short_sequences_together_and_gives_long_ones_their_own():
+    lengths = [10, 12, 11, 50, 9, 30]
+    micro = pack(range(6), lengths, size=8, max_tokens=40)
+    assert micro == [[4, 0, 2], [1], [5], [3]]  # 3 x 11 = 33 <= 40; 2 x 12 = 24 would fit but [1] + 30 would not
+    assert all(len(mb) * max(lengths[i] for i in mb) <= 40 or len(mb) == 1 for mb in micro)
+    assert pack(range(6), lengths, size=2) == [[4, 0], [2, 1], [5, 3]]  # no budget: micro_batch_size only
+    real, padded = padding_fraction(micro, lengths)
+    assert (real, padded) == (122, 33 + 12 + 30 + 50)
+
+
+@pytest.mark.parametrize("world,minis", [(1, 1), (2, 2), (3, 1)])
+def test_token_budget_plans_agree_across_ranks(world, minis):
+    plans = [plan_updates(LENGTHS, TRAINED, world, r, 8, minis, 1, seed=1, micro_batch_tokens=20) for r in range(world)]
+    for u in range(minis):
+        assert len({len(p[u].micro) for p in plans}) == 1
+        for p in plans:
+            assert all(len(mb) <= 1 or len(mb) * max(LENGTHS[i] for i in mb) <= 20 for mb in p[u].micro)
+    assert sorted(i for p in plans for u in p for mb in u.micro for i in mb) == list(range(len(LENGTHS)))
