@@ -37,7 +37,7 @@ def bench_speed(model, tok, prompts: torch.Tensor, new: int, reps: int, budget_s
     gen = GenConfig(group_size=1, max_new_tokens=new, temperature=0.0)
     ours = RewindableGenerator(model, tok, gen, HealConfig(), heal_active=False, seed=0, eos_token_ids=())
     kv_curve = {}
-    ours.sample_hook = lambda rows, z: kv_curve.setdefault(len(rows[0].ids), (ours.stats["columns"],
+    ours.sample_hook = lambda rows, z: kv_curve.setdefault(len(rows[0].stream), (ours.stats["columns"],
                                                                               ours.stats["cache_bytes"]))
 
     def run_hf(n=new):

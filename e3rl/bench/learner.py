@@ -1,8 +1,15 @@
-"""`python -m e3rl.bench learner --out FILE.json`: ZeRO-3 learner step vs plain torch, weight sync.
+"""`python -m e3rl.bench learner [--model default|toy] --out FILE.json`: the learner against this machine.
 
-Prints and writes: plain-torch step seconds (one process, all cores), ZeRO-3 step seconds (2
-workers in Ray, same batch, same model), their ratio `zero3_vs_torch_step`, the weight-broadcast
-seconds and bytes, and the floor: ray.put + ray.get of a buffer of the same bytes.
+On the embedded default's real model (SmolLM2-135M, `--model default`) or a toy, one batch shaped
+like a default step (2 groups x 8 samples, ~110 tokens each, with erasures), all in one run:
+- the e3rl step (one ZeRO-3 rank with every core, as the embedded default trains) and the same on
+  `--workers` ranks, in the configured precision (`learner.dtype`, bf16 here);
+- plain torch on the same tokens: a HF causal-LM loss + fused AdamW in fp32 and under bf16 autocast,
+  and our stream step without DeepSpeed (`TorchStep`);
+- the matmul peaks (fp32, bf16) measured in the same process, achieved GFLOP/s (6 x params x tokens
+  / step) and MFU against them, the learner's padding fraction;
+- the weight broadcast seconds and bytes, and its floor: ray.put + ray.get of the same bytes.
+Steps are timed interleaved (one of each per repetition), medians reported.
 
 Also home of `synthetic_trajectories`: realistic erasure layouts built with the core's mask math,
 shared with tests/learner.
@@ -10,6 +17,8 @@ shared with tests/learner.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import os
 import statistics
 import time
@@ -18,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from e3rl.bench import report
+from learner.precision import learner_dtype
 from e3rl.core.trajectory import SegmentTable, Trajectory, stream_position_ids
 
 BENCH_MODEL = dict(model_type="qwen3", vocab_size=8192, hidden_size=192, intermediate_size=512,
@@ -139,12 +149,13 @@ class TorchStep:
 
 
 # ------------------------------------------------------------------ the benchmark
-def _bench_config(workers: int, mbs: int, n_groups: int, group_size: int):
+def _bench_config(workers: int, mbs: int, n_groups: int, group_size: int, model: str = "toy"):
     from e3rl.config import AlgoConfig, Config, GenConfig, LearnerConfig, ModelConfig, ResourcesConfig
 
+    mc = (ModelConfig(path="builtin:smollm2-135m-instruct", device="cpu") if model == "default"
+          else ModelConfig(path="random", random_init=BENCH_MODEL, init_std=0.05, device="cpu"))
     return Config(
-        model=ModelConfig(path="random", random_init=BENCH_MODEL, init_std=0.05, device="cpu"),
-        learner=LearnerConfig(num_workers=workers, lr=1e-5, micro_batch_size=mbs),
+        model=mc, learner=LearnerConfig(num_workers=workers, lr=1e-5, micro_batch_size=mbs),
         algo=AlgoConfig(prompts_per_step=n_groups, allocation="attention"),
         gen=GenConfig(group_size=group_size, temperature=1.0),
         resources=ResourcesConfig(cpus_per_learner=1.0),
@@ -164,13 +175,6 @@ def _interleaved_medians(fns: dict, steps: int, warmup: int) -> dict[str, float]
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _with_threads(n: int, fn):
-    def run():
-        torch.set_num_threads(n)
-        fn()
-    return run
-
-
 def _object_store_floor(num_bytes: int, repeats: int = 3) -> float:
     """ray.put + ray.get of one buffer of the same size: the transport's lower bound."""
     import numpy as np
@@ -188,64 +192,93 @@ def _object_store_floor(num_bytes: int, repeats: int = 3) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m e3rl.bench learner", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="", help="write the JSON here too")
+    ap.add_argument("--model", choices=("default", "toy"), default="default",
+                    help="default: the embedded default's SmolLM2-135M; toy: a 3M-parameter random model")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=4)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--seg-len", type=int, default=24)
+    ap.add_argument("--groups", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=60)
+    ap.add_argument("--seg-len", type=int, default=10)
     ap.add_argument("--segments", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args(list(argv or []))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from e3rl.models import load_model
+    from e3rl.bench.hardware import matmul_gflops, plain_step, training_flops
+    from e3rl.models import load_model, materialize_builtin
     from learner.group import LearnerGroup
 
+    if args.model == "default":
+        materialize_builtin("builtin:smollm2-135m-instruct")
     n = args.groups * args.group_size
-    mbs = max(1, n // args.workers)
-    cfg = _bench_config(args.workers, mbs, args.groups, args.group_size)
+    cfg = _bench_config(args.workers, n, args.groups, args.group_size, args.model)
+    one = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_workers=1))
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
     model = load_model(cfg.model, seed=cfg.run.seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
+    vocab = model.get_output_embeddings().weight.shape[0]
     trajs = synthetic_trajectories(args.groups, args.group_size, args.prompt_len, args.seg_len, args.segments,
-                                   vocab=BENCH_MODEL["vocab_size"], seed=1)
+                                   vocab=vocab, seed=1)
     fill_behavior_logp(trajs, model, cfg.gen.temperature)
-    tokens = sum(t.prompt_ids.numel() + t.stream_ids.numel() for t in trajs)
-    thread_counts = sorted({1, os.cpu_count() or 1})
-    torch_models = {k: load_model(cfg.model, seed=cfg.run.seed) for k in thread_counts}  # same init as `init`
-    fns = {f"torch_{k}t": _with_threads(k, lambda s=TorchStep(cfg, m): s(trajs)) for k, m in torch_models.items()}
-
+    seqs = [torch.cat([t.prompt_ids, t.stream_ids]) for t in trajs]
+    tokens = sum(s.numel() for s in seqs)
+    params = sum(p.numel() for p in model.parameters())
+    peaks = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    # Phase 1 in this process: the plain references and our stream step without DeepSpeed.
+    fns = {
+        "plain_fp32": plain_step(load_model(cfg.model, seed=cfg.run.seed), seqs, bf16=False),
+        "plain_bf16_autocast": plain_step(load_model(cfg.model, seed=cfg.run.seed), seqs, bf16=True),
+        "stream_torch_fp32": (lambda s=TorchStep(cfg, load_model(cfg.model, seed=cfg.run.seed)): s(trajs)),
+    }
+    med = _interleaved_medians(fns, args.steps, args.warmup)
+    anchor = {"plain_bf16_autocast": fns["plain_bf16_autocast"]}  # re-timed beside the learners
+    del fns, model
+    gc.collect()
+    # Phase 2: the learners in Ray (every model copy costs ~2 GB with its optimizer: one group at a time).
     ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+    metrics: dict[str, dict] = {}
+    setup_s: dict[str, float] = {}
     try:
-        t0 = time.perf_counter()
-        group = LearnerGroup(cfg, init_state=init)
-        setup_s = time.perf_counter() - t0
-        fns["zero3"] = lambda: group.train_step(trajs)
-        med = _interleaved_medians(fns, args.steps, args.warmup)
-        t0 = time.perf_counter()
-        handle = group.publish_weights()
-        state = ray.get(handle.ref)
-        sync_s = time.perf_counter() - t0
-        floor_s = _object_store_floor(handle.num_bytes)
-        group.shutdown()
+        for name, c in (("e3rl_1rank", one), (f"e3rl_{args.workers}ranks", cfg)):
+            t0 = time.perf_counter()
+            g = LearnerGroup(c, init_state=init)
+            setup_s[name] = round(time.perf_counter() - t0, 2)
+            timed = anchor | {name: lambda g=g, name=name: metrics.__setitem__(name, g.train_step(trajs))}
+            both = _interleaved_medians(timed, args.steps, args.warmup)
+            med[name] = both[name]
+            med[f"plain_bf16_autocast_beside_{name}"] = both["plain_bf16_autocast"]
+            if name != "e3rl_1rank":
+                t0 = time.perf_counter()
+                handle = g.publish_weights()
+                ray.get(handle.ref)
+                sync_s = time.perf_counter() - t0
+                floor_s = _object_store_floor(handle.num_bytes)
+            g.shutdown()
     finally:
         ray.shutdown()
-    torch_name = min((k for k in med if k.startswith("torch")), key=med.get)  # a 2nd thread may only stall
-    zero_s, torch_s = med["zero3"], med[torch_name]
-    mine = torch_models[thread_counts[-1]].state_dict()  # same number of updates on the same batch
-    diff = max(float((state[k] - mine[k]).abs().max()) for k in mine)
-    params = sum(p.numel() for p in model.parameters())
+    flops = training_flops(params, tokens)
+    e3, plain16 = med["e3rl_1rank"], med["plain_bf16_autocast_beside_e3rl_1rank"]
     result = {
-        "model_params": params, "batch_sequences": n, "batch_tokens": tokens, "workers": args.workers,
-        "micro_batch_size": mbs, "torch_best": torch_name,
-        "step_s_medians": {k: round(v, 4) for k, v in med.items()}, "load_avg_1m": round(os.getloadavg()[0], 2),
-        "torch_step_s": round(torch_s, 4), "zero3_step_s": round(zero_s, 4),
-        "zero3_vs_torch_step": round(zero_s / torch_s, 3), "zero3_setup_s": round(setup_s, 2),
-        "zero3_vs_torch_max_weight_diff": diff, "updates_each": args.steps + args.warmup,
+        "model": args.model, "model_params": params, "batch_sequences": n, "batch_tokens": tokens, "threads": threads,
+        "learner_dtype": str(learner_dtype(cfg.learner.dtype, torch.device("cpu"))).removeprefix("torch."),
+        "step_s_medians": {k: round(v, 3) for k, v in med.items()}, "load_avg_1m": round(os.getloadavg()[0], 2),
+        "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+        "achieved_gflops": {k: round(flops / v / 1e9, 1) for k, v in med.items()},
+        "e3rl_mfu_vs_bf16_peak": round(flops / e3 / 1e9 / peaks["bfloat16"], 3),
+        "plain_bf16_mfu_vs_bf16_peak": round(flops / plain16 / 1e9 / peaks["bfloat16"], 3),
+        "e3rl_vs_plain_bf16_autocast": round(e3 / plain16, 3),
+        "e3rl_vs_plain_fp32": round(e3 / med["plain_fp32"], 3),
+        f"zero3_{args.workers}ranks_vs_plain_bf16_autocast": round(
+            med[f"e3rl_{args.workers}ranks"] / med[f"plain_bf16_autocast_beside_e3rl_{args.workers}ranks"], 3),
+        "padding_frac": round(metrics["e3rl_1rank"]["learner/padding_frac"], 3),
+        "e3rl_phases_s": {k.removeprefix("learner/"): round(v, 3) for k, v in metrics["e3rl_1rank"].items()
+                          if k.endswith("_s") and k != "learner/step_s"},
+        "zero3_setup_s": setup_s, "updates_each": args.steps + args.warmup,
         "weight_sync_s": round(sync_s, 4), "weight_sync_bytes": handle.num_bytes,
-        "weight_sync_tensors": len(state), "object_store_floor_s": round(floor_s, 4),
-        "weight_sync_vs_floor": round(sync_s / max(floor_s, 1e-9), 2),
+        "object_store_floor_s": round(floor_s, 4), "weight_sync_vs_floor": round(sync_s / max(floor_s, 1e-9), 2),
     }
     return report(result, args.out, indent=1)
