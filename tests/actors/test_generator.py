@@ -74,8 +74,8 @@ def test_logits_after_rewinds_and_compaction_match_fresh_forward(tiny_model, tok
             seq = torch.tensor([r.prompt + r.kept_ids()])
             ref = tiny_model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1]
             torch.testing.assert_close(z, ref, atol=1e-4, rtol=0)
-            checked["rewound"] += r.traj_erases > 0
-            checked["compacted"] += r.compactions > 0 and r.traj_erases > 0
+            checked["rewound"] += r.ledger.traj_erases > 0
+            checked["compacted"] += r.compactions > 0 and r.ledger.traj_erases > 0
 
     g.sample_hook = hook
     trajs = g.generate(prompts, [0, 1, 2])
