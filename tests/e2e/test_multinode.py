@@ -42,7 +42,8 @@ try:
 
     rc = main(["configs/tiny.yaml", f"run.output_dir={out}", "run.steps=2", "learner.lr=0.01", "data.eval=[]",
                f"resources.address={cluster.address}", "resources.generator_resources={gen_node: 1}",
-               "resources.learner_resources={learn_node: 1}", "reward.fn=tests.e2e.test_run_tiny:length_reward"])
+               "resources.learner_resources={learn_node: 1}", "reward.fn=tests.e2e.test_run_tiny:length_reward",
+               "learner.dtype=float32"])  # fp32 like the generator: synced weights must reproduce its log-probs
     from ray._private.state import actors
 
     table = [{"cls": a["ActorClassName"], "node": a["Address"]["NodeID"], "state": a["State"]}
