@@ -112,7 +112,7 @@ def freeze_batches(lengths: Sequence[int], world_size: int, rank: int, micro_bat
     return micro_batches(shards[rank], lengths, micro_batch_size, n_micro, micro_batch_tokens)
 
 
-def padding_fraction(micro: Sequence[Sequence[int]], lengths: Sequence[int]) -> tuple[int, int]:
+def padding_tokens(micro: Sequence[Sequence[int]], lengths: Sequence[int]) -> tuple[int, int]:
     """(real tokens, padded tokens) of a list of micro-batches: what right-padding costs."""
     real = sum(lengths[i] for mb in micro for i in mb)
     padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in micro if mb)

@@ -45,7 +45,7 @@ from learner.stream_batch import (StreamBatch, StreamPolicy, collate, install_at
                                   pad_tokens, policy_forward, split_attention, stream_logprobs)
 from learner.precision import learner_dtype
 from learner.step_stats import StepSums
-from learner.updates import Update, freeze_batches, plan_updates
+from learner.updates import Update, freeze_batches, padding_tokens, plan_updates
 from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict, set_fp32_masters
 
 
@@ -215,18 +215,19 @@ class LearnerWorker:
             return [True] * len(trajs)
         return [t.finish_reason not in TRUNCATED for t in trajs]
 
-    def _forward(self, batch: StreamBatch, trajs: list[Trajectory], outcome: torch.Tensor
+    def _forward(self, batch: StreamBatch, trajs: list[Trajectory], outcome: torch.Tensor, entropy: bool = True
                  ) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
-        """One policy forward -> (log-probs [B, S], entropy sum, per-row token advantages).
+        """One policy forward -> (log-probs [B, S], entropy sum (0 unless asked), per-row token advantages).
 
         The advantages need this forward only for the attention allocation (captured in it)."""
         if self.capture is not None:
             self.capture.arm(batch.answer_index)
         logits = policy_forward(self.engine, batch)  # [B, S, V]
         attn = self.capture.disarm() if self.capture is not None else None
-        logp, entropy = logprobs_and_entropy(logits, batch, self.cfg.gen.temperature)  # [B, S]
+        T = self.cfg.gen.temperature
+        logp, ent = logprobs_and_entropy(logits, batch, T) if entropy else (stream_logprobs(logits, batch, T), 0.0)
         adv = batch_token_advantages(trajs, outcome, self.spec, split_attention(attn, batch) if attn is not None else None)
-        return logp, entropy, adv
+        return logp, ent, adv
 
     @torch.no_grad()
     def _freeze(self, trajs: list[Trajectory], outcome: torch.Tensor, trained: list[bool],
@@ -238,7 +239,7 @@ class LearnerWorker:
         for idx in freeze_batches(lengths, self.world_size, self.rank, lc.micro_batch_size, lc.micro_batch_tokens):
             rows = idx or [0]  # a dummy forward keeps ZeRO-3's collectives in step
             batch = self._collate([trajs[j] for j in rows], [trained[j] for j in rows])
-            logp, _, adv = self._forward(batch, [trajs[j] for j in rows], outcome[rows])
+            logp, _, adv = self._forward(batch, [trajs[j] for j in rows], outcome[rows], entropy=False)
             for k, j in enumerate(idx):
                 s = trajs[j].stream_ids.numel()
                 frozen[j] = (logp[k, :s].float().cpu(), adv[k])
@@ -278,12 +279,10 @@ class LearnerWorker:
         n = float(batch.mask.sum())
         diff = (old - batch.behavior_logp).abs() * batch.mask  # learner (pi_old) vs generator numerics
         w = is_weight if is_weight is not None else batch.mask
-        lengths = [trajs[j].prompt_ids.numel() + trajs[j].stream_ids.numel() for j in idx]
         return StepSums(
             loss=float(loss.detach()) if finite else 0.0, clip_tokens=m["clip_frac"] * n, approx_kl=m["approx_kl"] * n,
             entropy=entropy, logp_diff=float(diff.sum()), tokens=n, nonfinite=float(not finite), ref_kl=m["ref_kl"] * n,
-            tis_weight=float((w * batch.mask).sum()), real_tokens=float(sum(lengths)),
-            padded_tokens=float(len(lengths) * max(lengths, default=0)), logp_diff_max=float(diff.max()) if finite else 0.0,
+            tis_weight=float((w * batch.mask).sum()), logp_diff_max=float(diff.max()) if finite else 0.0,
         )
 
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
@@ -311,6 +310,8 @@ class LearnerWorker:
         applied, trailing_skips, grad_norms = 0, 0, []
         for update in plan:
             settings = self._loss_settings(update)
+            real, padded = padding_tokens(update.micro, lengths)
+            stats.add(StepSums(real_tokens=float(real), padded_tokens=float(padded)))
             for i, idx in enumerate(update.micro):
                 self.engine.set_gradient_accumulation_boundary(i == len(update.micro) - 1)
                 stats.add(self._micro_step(trajs, idx, outcome, trained, settings, frozen))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from e3rl.config import Config
+from pathlib import Path
+
+from e3rl.config import AlgoConfig, Config, GenConfig, LearnerConfig, ModelConfig, ResourcesConfig
 from e3rl.core.loss import LOSSES, LossInputs, LossSettings, truncated_is_weight
 from e3rl.core.surprisal import token_logprobs
 from learner.advantages import AdvantageSpec, batch_token_advantages, outcome_advantages
@@ -97,3 +99,27 @@ def reference_ppo_step(model: torch.nn.Module, opt: torch.optim.Optimizer, trajs
 def make_adamw(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     lc = cfg.learner
     return torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), eps=1e-8, weight_decay=lc.weight_decay)
+
+
+def save_tiny_model(model_dir: Path, tokenizer) -> Path:
+    """The tests' tiny random model (seed 0) and tokenizer as a HF dir, loaded like a checkpoint."""
+    from e3rl.models import load_model
+    from tests.conftest import tiny_model_config
+
+    load_model(tiny_model_config(), seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def fp32_learner_config(model_dir: Path, **algo) -> Config:
+    """Two ZeRO-3 ranks in fp32 (compared with plain fp32 torch) on the saved tiny model, training
+    2 groups x 4 samples with the attention allocation; `algo` adds or overrides algo fields."""
+    return Config(
+        model=ModelConfig(path=str(model_dir), device="cpu", attn_implementation="sdpa"),
+        learner=LearnerConfig(num_workers=2, lr=1e-3, weight_decay=0.01, micro_batch_size=2, grad_clip=1.0,
+                              dtype="float32"),
+        algo=AlgoConfig(**{"prompts_per_step": 2, "allocation": "attention", "answer_tokens": 4, "alloc_mix": 0.7,
+                           **algo}),
+        gen=GenConfig(group_size=4, temperature=0.8),
+        resources=ResourcesConfig(cpus_per_learner=0.5),
+    ).validate()

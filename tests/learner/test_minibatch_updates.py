@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 from e3rl.bench.learner import fill_behavior_logp, synthetic_trajectories
-from e3rl.config import AlgoConfig, Config, GenConfig, LearnerConfig, ModelConfig, ResourcesConfig
+from e3rl.config import Config
 from e3rl.models import load_model
 from learner.updates import plan_updates
 from tests.conftest import tiny_model_config
-from tests.learner.learner_reference import make_adamw, reference_ppo_step
+from tests.learner.learner_reference import fp32_learner_config, make_adamw, reference_ppo_step, save_tiny_model
 from tests.learner.test_zero3_group import _assert_state_close, _hf
 
 CLIP = 0.02  # tight: the lr 1e-3 steps move token ratios by more than this
@@ -21,18 +21,9 @@ WIDE = 10.0  # never binds
 
 @pytest.fixture(scope="module")
 def ppo(ray_session, tmp_path_factory, tokenizer):
-    model_dir = tmp_path_factory.mktemp("tiny_hf_ppo")
-    load_model(tiny_model_config(), seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    cfg = Config(
-        model=ModelConfig(path=str(model_dir), device="cpu", attn_implementation="sdpa"),
-        learner=LearnerConfig(num_workers=2, lr=1e-3, weight_decay=0.01, micro_batch_size=2, grad_clip=1.0,
-                              dtype="float32"),  # compared with plain fp32 torch
-        algo=AlgoConfig(prompts_per_step=2, mini_batch_prompts=1, epochs=2, allocation="attention", answer_tokens=4,
-                        alloc_mix=0.7, clip_low=CLIP, clip_high=CLIP, tis_cap=1.2, overlong_filter=True),
-        gen=GenConfig(group_size=4, temperature=0.8),
-        resources=ResourcesConfig(cpus_per_learner=0.5),
-    ).validate()
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny_hf_ppo"), tokenizer)
+    cfg = fp32_learner_config(model_dir, mini_batch_prompts=1, epochs=2, clip_low=CLIP, clip_high=CLIP, tis_cap=1.2,
+                              overlong_filter=True)
     from learner.group import LearnerGroup
 
     group = LearnerGroup(cfg, extra_env={"TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("ext"))})

@@ -2,7 +2,7 @@
 cover each sample exactly once per epoch, with global per-mini-batch denominators."""
 import pytest
 
-from learner.updates import freeze_batches, pack, padding_fraction, plan_updates, rank_shards
+from learner.updates import freeze_batches, pack, padding_tokens, plan_updates, rank_shards
 
 LENGTHS = [7, 3, 9, 4, 4, 12, 5, 8, 6, 2, 10]  # 11 samples: uneven over ranks and mini-batches
 TRAINED = [n if i != 5 else 0 for i, n in enumerate(LENGTHS)]  # sample 5 filtered (overlong)
@@ -59,7 +59,7 @@ def test_token_budget_packs_short_sequences_together_and_gives_long_ones_their_o
     assert micro == [[4, 0, 2], [1], [5], [3]]  # 3 x 11 = 33 <= 40; 2 x 12 = 24 would fit but [1] + 30 would not
     assert all(len(mb) * max(lengths[i] for i in mb) <= 40 or len(mb) == 1 for mb in micro)
     assert pack(range(6), lengths, size=2) == [[4, 0], [2, 1], [5, 3]]  # no budget: micro_batch_size only
-    real, padded = padding_fraction(micro, lengths)
+    real, padded = padding_tokens(micro, lengths)
     assert (real, padded) == (122, 33 + 12 + 30 + 50)
 
 

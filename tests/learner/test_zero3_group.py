@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from e3rl.bench.learner import fill_behavior_logp, synthetic_trajectories
-from e3rl.config import AlgoConfig, Config, GenConfig, LearnerConfig, ModelConfig, ResourcesConfig
+from e3rl.config import ResourcesConfig
 from e3rl.models import load_model
 from learner import checkpoint as ckpt
 from learner.stream_batch import StreamPolicy, collate, policy_forward
 from learner.weights import ObjectStoreWeightSync, load_weights
 from tests.conftest import tiny_model_config
-from tests.learner.learner_reference import make_adamw, reference_step
+from tests.learner.learner_reference import fp32_learner_config, make_adamw, reference_step, save_tiny_model
 
 ATOL = 1e-5  # losses and logits, fp32 (measured: loss ~5e-8, grad norm rel ~1e-5)
 # Weights after AdamW steps (lr 1e-3): Adam divides by sqrt(v) + 1e-8, so for the rare elements
@@ -43,18 +43,8 @@ def _assert_state_close(a: dict, b: dict, atol: float = W_MAX, mean_atol: float 
 
 @pytest.fixture(scope="module")
 def env(ray_session, tmp_path_factory, tokenizer):
-    model_dir = tmp_path_factory.mktemp("tiny_hf")
-    load_model(tiny_model_config(), seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    cfg = Config(
-        model=ModelConfig(path=str(model_dir), device="cpu", attn_implementation="sdpa"),
-        learner=LearnerConfig(num_workers=2, lr=1e-3, weight_decay=0.01, micro_batch_size=2, grad_clip=1.0,
-                              dtype="float32"),  # compared with plain fp32 torch
-        algo=AlgoConfig(prompts_per_step=2, allocation="attention", answer_tokens=4, alloc_mix=0.7, kl_coef=0.05,
-                        tis_cap=1.2),
-        gen=GenConfig(group_size=4, temperature=0.8),
-        resources=ResourcesConfig(cpus_per_learner=0.5),
-    ).validate()
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny_hf"), tokenizer)
+    cfg = fp32_learner_config(model_dir, kl_coef=0.05, tis_cap=1.2)
     ext = tmp_path_factory.mktemp("torch_extensions")
     from learner.group import LearnerGroup
 
