@@ -1,38 +1,43 @@
 """Trajectories -> one padded forward over prompt + whole stream (kept AND erased tokens).
 
-Each row is `prompt + stream` with the core's stream attention mask and logical position ids, so
-one forward reproduces what every stream token saw when it was generated; there is no second
-prefix forward per erased branch. The logits predicting stream token k sit at its predecessor
-(`predecessor_index`), so the LM head runs only on those S rows, not on all L = P + S rows.
+Each row is laid out kept-first (`e3rl.core.stream_layout`): prompt, kept stream tokens, erased
+stream tokens, with their logical position ids. One forward then reproduces what every stream
+token saw when it was generated, with no [B, 1, L, L] mask: the `e3rl_stream` attention runs
+plain causal attention (fused kernels, no mask) for every row and recomputes only the erased
+tokens' rows against a boolean [B, 1, E, L] visibility (E bounded by the erase budget), so memory
+is linear in L. The logits predicting stream token k sit at its predecessor's row (`target_index`),
+so the LM head runs only on those S rows, not on all L = P + S rows.
 
 Also here: the cheap attention capture the `attention` allocator reads. It rides along the same
-training forward: a registered attention function calls the normal kernel (sdpa/eager) and, only
-when armed, recomputes softmax(q k^T) for the Q final-answer query rows of every layer, averaged
-over heads and layers. Extra cost per layer: O(B H Q L D) flops and a transient [B, H, Q, L]
-fp32 buffer (Q = algo.answer_tokens, e.g. 16) instead of the [B, H, L, L] eager attention would
-materialise. All layers are averaged: the allocator wants where the answer looked overall, and
-the average over depth is less noisy than any single layer.
+training forward: when armed, the attention function also computes softmax(q k^T) for the Q
+final-answer query rows of every layer, averaged over heads and layers. Extra cost per layer:
+O(B H Q L D) flops and a transient [B, H, Q, L] fp32 buffer (Q = algo.answer_tokens, e.g. 16).
+All layers are averaged: the allocator wants where the answer looked overall, and the average
+over depth is less noisy than any single layer.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from e3rl.core.surprisal import scaled_logits, token_logprobs
-from e3rl.core.trajectory import Trajectory, additive_mask, predecessor_index, stream_attention_mask
+from e3rl.core.stream_layout import kept_first_layout
+from e3rl.core.trajectory import Trajectory
+from learner.chunked_logprobs import token_logprobs_chunked
 
-CAPTURE_IMPL = "e3rl_capture"
+STREAM_IMPL = "e3rl_stream"
 
 
 @dataclass
 class StreamBatch:
-    input_ids: torch.Tensor  # [B, L] long, right-padded
-    position_ids: torch.Tensor  # [B, L] long: prompt 0..P-1, then the stream's logical positions
-    attn_mask: torch.Tensor  # [B, 1, L, L] additive float; a pad query sees only itself (no NaN)
+    input_ids: torch.Tensor  # [B, L] long, kept-first rows, right-padded
+    position_ids: torch.Tensor  # [B, L] long: prompt 0..P-1, then each stream token's logical position
+    erased_rows: torch.Tensor  # [B, E] long: rows of the erased tokens (E = most erased tokens in a row)
+    erased_vis: torch.Tensor  # [B, 1, E, L] bool: keys each erased token saw (padding entries see row 0)
+    erased_valid: torch.Tensor  # [B, E] bool
+    stream_rows: torch.Tensor  # [B, S] long: row of stream token k (stream order)
     target_index: torch.Tensor  # [B, S] long: row whose logits predict stream token k
     stream_ids: torch.Tensor  # [B, S] long
     behavior_logp: torch.Tensor  # [B, S] float: the generator's log-probs (pi_gen)
@@ -50,43 +55,42 @@ class StreamBatch:
         return float(self.mask.sum())
 
 
-def answer_rows(t: Trajectory, answer_tokens: int) -> torch.Tensor:
-    """[Q_b] rows (prompt+stream coordinates) of the last `answer_tokens` kept stream tokens."""
-    kept = torch.nonzero(t.kept_mask, as_tuple=False).flatten()
-    return kept[-answer_tokens:] + t.prompt_ids.numel()
-
-
-def collate(trajs: Sequence[Trajectory], pad_id: int, dtype: torch.dtype = torch.float32,
-            answer_tokens: int = 16) -> StreamBatch:
-    """Right-pad a list of trajectories into one StreamBatch (mask in `dtype`, the compute dtype)."""
+def collate(trajs: Sequence[Trajectory], pad_id: int, answer_tokens: int = 16) -> StreamBatch:
+    """Right-pad a list of trajectories, each laid out kept-first, into one StreamBatch."""
     b = len(trajs)
+    layouts = [kept_first_layout(t.prompt_ids.numel(), t.erased_at) for t in trajs]
     lens = [t.prompt_ids.numel() + t.stream_ids.numel() for t in trajs]
     L, S, Q = max(lens), max(1, max(t.stream_ids.numel() for t in trajs)), max(1, answer_tokens)
+    E = max(lay.erased_vis.shape[0] for lay in layouts)
     input_ids = torch.full((b, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros(b, L, dtype=torch.long)
-    vis = torch.eye(L, dtype=torch.bool).repeat(b, 1, 1)  # pad queries see themselves
+    erased_rows = torch.zeros(b, E, dtype=torch.long)
+    erased_vis = torch.zeros(b, 1, E, L, dtype=torch.bool)
+    erased_vis[..., 0] = True  # padding entries attend to one real key: finite, never written back
+    erased_valid = torch.zeros(b, E, dtype=torch.bool)
+    stream_rows = torch.zeros(b, S, dtype=torch.long)
     target = torch.zeros(b, S, dtype=torch.long)
     stream_ids = torch.full((b, S), pad_id, dtype=torch.long)
     behavior_logp = torch.zeros(b, S)
     mask = torch.zeros(b, S)
     ans_idx = torch.zeros(b, Q, dtype=torch.long)
     ans_ok = torch.zeros(b, Q, dtype=torch.bool)
-    for i, t in enumerate(trajs):
-        p, s, n = t.prompt_ids.numel(), t.stream_ids.numel(), lens[i]
-        input_ids[i, :p], input_ids[i, p:n] = t.prompt_ids, t.stream_ids
-        position_ids[i, :p] = torch.arange(p)
-        position_ids[i, p:n] = t.position_ids
-        vis[i, :n, :n] = stream_attention_mask(p, t.erased_at)
-        target[i, :s] = predecessor_index(p, t.erased_at)
+    for i, (t, lay) in enumerate(zip(trajs, layouts)):
+        p, s, n, e = t.prompt_ids.numel(), t.stream_ids.numel(), lens[i], lay.erased_vis.shape[0]
+        input_ids[i, :n] = torch.cat([t.prompt_ids, t.stream_ids])[lay.order]
+        position_ids[i, :n] = torch.cat([torch.arange(p), t.position_ids])[lay.order]
+        erased_rows[i, :e], erased_vis[i, 0, :e, :n], erased_valid[i, :e] = lay.erased_rows, lay.erased_vis, True
+        stream_rows[i, :s], target[i, :s] = lay.stream_row, lay.target_row
         stream_ids[i, :s] = t.stream_ids
         behavior_logp[i, :s] = t.behavior_logp.float()
         mask[i, :s] = 1.0
-        rows = answer_rows(t, Q)
+        rows = p + torch.arange(lay.kept)[-Q:]  # the last kept tokens answer
         ans_idx[i, : rows.numel()], ans_ok[i, : rows.numel()] = rows, True
     return StreamBatch(
-        input_ids=input_ids, position_ids=position_ids, attn_mask=additive_mask(vis.unsqueeze(1), dtype),
-        target_index=target, stream_ids=stream_ids, behavior_logp=behavior_logp, mask=mask, answer_index=ans_idx,
-        answer_valid=ans_ok, prompt_len=torch.tensor([t.prompt_ids.numel() for t in trajs]),
+        input_ids=input_ids, position_ids=position_ids, erased_rows=erased_rows, erased_vis=erased_vis,
+        erased_valid=erased_valid, stream_rows=stream_rows, target_index=target, stream_ids=stream_ids,
+        behavior_logp=behavior_logp, mask=mask, answer_index=ans_idx, answer_valid=ans_ok,
+        prompt_len=torch.tensor([t.prompt_ids.numel() for t in trajs]),
         stream_len=torch.tensor([t.stream_ids.numel() for t in trajs]),
     )
 
@@ -110,18 +114,21 @@ class StreamPolicy(nn.Module):
 
     Wrapping (instead of calling submodules from outside) keeps every parameter fetch inside
     the root module's forward, which ZeRO-3's hooks expect. `lm` stays an ordinary HF model:
-    its state_dict keys are the HF keys under the `lm.` prefix.
+    its state_dict keys are the HF keys under the `lm.` prefix. Building one switches `lm` to the
+    stream attention; `capture` is its (disarmed) attention capture.
     """
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
         self._full_head = _has_logit_transform(lm.config)
+        self.capture = install_stream_attention(lm)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
-                target_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, target_index: torch.Tensor,
+                erased_rows: torch.Tensor, erased_vis: torch.Tensor, erased_valid: torch.Tensor) -> torch.Tensor:
         """-> logits [B, S, V] predicting each stream token."""
-        kw = dict(input_ids=input_ids, attention_mask=attn_mask, position_ids=position_ids, use_cache=False)
+        kw = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                  e3rl_erased=(erased_rows, erased_vis, erased_valid))
         if self._full_head:
             logits = self.lm(**kw).logits  # [B, L, V]
             return logits.gather(1, target_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
@@ -132,31 +139,27 @@ class StreamPolicy(nn.Module):
 
 def policy_forward(policy: Callable[..., torch.Tensor], batch: StreamBatch) -> torch.Tensor:
     """Run `policy` (a StreamPolicy or the DeepSpeed engine wrapping one) on a batch -> [B, S, V]."""
-    return policy(batch.input_ids, batch.position_ids, batch.attn_mask, batch.target_index)
+    return policy(batch.input_ids, batch.position_ids, batch.target_index, batch.erased_rows, batch.erased_vis,
+                  batch.erased_valid)
 
 
 def stream_logprobs(logits: torch.Tensor, batch: StreamBatch, temperature: float) -> torch.Tensor:
-    """[B, S, V] -> [B, S] log q(token) under logits / T, the generator's behaviour convention."""
-    return token_logprobs(logits, batch.stream_ids, temperature) * batch.mask
+    """[B, S, V] -> [B, S] log q(token) under logits / T, the generator's behaviour convention
+    (the core's token_logprobs math, chunked: no fp32 [B, S, V] tensor)."""
+    return token_logprobs_chunked(logits, batch.stream_ids, temperature)[0] * batch.mask
 
 
 def logprobs_and_entropy(logits: torch.Tensor, batch: StreamBatch, temperature: float) -> tuple[torch.Tensor, float]:
-    """Like `stream_logprobs` (same math as the core's token_logprobs), plus the masked entropy
-    sum for metrics from the SAME log_softmax: one [B, S, V] softmax per micro-batch, not two."""
-    logp_all = scaled_logits(logits.float(), temperature).log_softmax(-1)  # [B, S, V]
-    logp = logp_all.gather(-1, batch.stream_ids.unsqueeze(-1)).squeeze(-1) * batch.mask  # [B, S]
-    with torch.no_grad():
-        lp = logp_all.detach()
-        entropy = float((-(lp.exp() * lp).sum(-1) * batch.mask).sum())
-    return logp, entropy
+    """Like `stream_logprobs`, plus the masked entropy sum for metrics, from the same chunks."""
+    logp, ent = token_logprobs_chunked(logits, batch.stream_ids, temperature, with_entropy=True)
+    return logp * batch.mask, float((ent * batch.mask).sum())
 
 
 # ------------------------------------------------------------------ attention capture
 class AttentionCapture:
     """Attention of selected query rows, accumulated across layers during one armed forward."""
 
-    def __init__(self, base_name: str):
-        self.base_name = base_name  # the real attention kernel: sdpa | eager
+    def __init__(self):
         self.index: Optional[torch.Tensor] = None  # [B, Q]
         self.total: Optional[torch.Tensor] = None  # [B, Q, L] sum over layers of head-mean probs
         self.layers = 0
@@ -171,65 +174,71 @@ class AttentionCapture:
         return out
 
     @torch.no_grad()
-    def add(self, query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.Tensor], scaling: Optional[float]) -> None:
+    def add(self, query: torch.Tensor, key: torch.Tensor, scaling: Optional[float]) -> None:
+        """The answer rows are kept tokens: in the kept-first order they saw exactly the rows <= their own."""
         idx = self.index.to(query.device)
         b, h, _, d = query.shape  # query [B, H, L, D]; key [B, Hkv, L, D]
-        hkv, q = key.shape[1], idx.shape[1]
+        hkv, q, n = key.shape[1], idx.shape[1], key.shape[2]
         qa = query.gather(2, idx[:, None, :, None].expand(b, h, q, d)).float()  # [B, H, Q, D]
         qa = qa.view(b, hkv, h // hkv, q, d)
         scores = qa @ key.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, g, Q, L]
         scores = scores * (scaling if scaling is not None else d ** -0.5)
-        if mask is not None:
-            rows = mask.gather(2, idx[:, None, :, None].expand(b, mask.shape[1], q, mask.shape[-1]))  # [B, 1, Q, L]
-            if rows.dtype == torch.bool:
-                rows = torch.zeros(rows.shape, device=rows.device).masked_fill(~rows, torch.finfo(torch.float32).min)
-            scores = scores + rows.float()[:, :, None, :, : scores.shape[-1]]
+        future = torch.arange(n, device=idx.device)[None, None, :] > idx[:, :, None]  # [B, Q, L]
+        scores = scores.masked_fill(future[:, None, None], torch.finfo(torch.float32).min)
         probs = scores.softmax(-1).mean((1, 2))  # [B, Q, L]
         self.total = probs if self.total is None else self.total + probs
         self.layers += 1
 
 
-def _capture_attention_forward(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Registered as `e3rl_capture`: the base kernel, plus the answer rows when armed."""
-    cap: AttentionCapture = module._e3rl_capture
-    out = _base_kernel(module, cap.base_name)(module, query, key, value, attention_mask, **kwargs)
-    if cap.index is not None:
-        cap.add(query, key, attention_mask, kwargs.get("scaling"))
-    return out
+def _stream_attention_forward(module: nn.Module, query, key, value, attention_mask, e3rl_erased=None, **kwargs):
+    """Registered as `e3rl_stream`: causal SDPA for every row (no mask: fused kernels), then the
+    erased tokens' rows again with their own visibility, written over the causal result."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [B, L, H, D]
+    if e3rl_erased is not None and e3rl_erased[0].shape[1]:
+        rows, vis, valid = e3rl_erased  # [B, E], [B, 1, E, L], [B, E]
+        b, h, _, d = query.shape
+        q_erased = query.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+        o_erased, _ = sdpa_attention_forward(module, q_erased, key, value, vis, **kwargs)  # [B, E, H, D]
+        bi, ei = valid.nonzero(as_tuple=True)
+        out = out.index_put((bi, rows[bi, ei]), o_erased[bi, ei])
+    cap: Optional[AttentionCapture] = getattr(module, "_e3rl_capture", None)
+    if cap is not None and cap.index is not None:
+        cap.add(query, key, kwargs.get("scaling"))
+    return out, None
 
 
-def install_attention_capture(lm: nn.Module) -> AttentionCapture:
-    """Switch `lm` to the capturing attention function (same numerics while disarmed)."""
+def _no_mask(*args, **kwargs) -> None:
+    """The mask builder for `e3rl_stream`: visibility is causal plus the erased rows' own mask."""
+    return None
+
+
+def install_stream_attention(lm: nn.Module) -> AttentionCapture:
+    """Switch `lm` to the stream attention (torch SDPA underneath, whatever `sdpa`/`eager` it was
+    configured with: same math) and attach a disarmed capture. -> that capture."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    base_name = lm.config._attn_implementation
-    if base_name == CAPTURE_IMPL:
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if lm.config._attn_implementation == STREAM_IMPL:
         return next(m._e3rl_capture for m in lm.modules() if hasattr(m, "_e3rl_capture"))
-    if base_name not in ("sdpa", "eager"):
-        raise ValueError(f"attention capture supports sdpa|eager, the model uses {base_name!r}")
-    AttentionInterface.register(CAPTURE_IMPL, _capture_attention_forward)
-    AttentionMaskInterface.register(CAPTURE_IMPL, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
-    cap = AttentionCapture(base_name)
+    if getattr(lm.config, "sliding_window", None) and getattr(lm.config, "use_sliding_window", True):
+        raise ValueError("the stream forward does not support sliding-window attention (model.path's config)")
+    AttentionInterface.register(STREAM_IMPL, _stream_attention_forward)
+    AttentionMaskInterface.register(STREAM_IMPL, _no_mask)
+    cap = AttentionCapture()
     for m in lm.modules():
         if hasattr(m, "layer_idx"):
             m._e3rl_capture = cap
-    lm.set_attn_implementation(CAPTURE_IMPL)
+    lm.set_attn_implementation(STREAM_IMPL)
     return cap
 
 
-def _base_kernel(module: nn.Module, name: str) -> Callable:
-    """sdpa from the global registry; eager from the model family's own modeling file."""
-    if name == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[name]
-
-
 def split_attention(attn: torch.Tensor, batch: StreamBatch) -> list[torch.Tensor]:
-    """[B, Q, L] captured probs -> per row [Q_b, S_b]: valid answer queries over stream columns."""
+    """[B, Q, L] captured probs -> per row [Q_b, S_b]: valid answer queries over stream tokens (stream order)."""
     out = []
     for i in range(attn.shape[0]):
-        p, s = int(batch.prompt_len[i]), int(batch.stream_len[i])
-        out.append(attn[i, batch.answer_valid[i].to(attn.device)][:, p : p + s].float().cpu())
+        s = int(batch.stream_len[i])
+        cols = batch.stream_rows[i, :s].to(attn.device)
+        out.append(attn[i, batch.answer_valid[i].to(attn.device)][:, cols].float().cpu())
     return out

@@ -41,7 +41,7 @@ from e3rl.models import load_model, load_tokenizer, resolve_device
 from learner import checkpoint as ckpt
 from learner.advantages import AdvantageSpec, batch_token_advantages, outcome_advantages
 from learner.ds_config import build_ds_config
-from learner.stream_batch import (StreamBatch, StreamPolicy, collate, install_attention_capture, logprobs_and_entropy,
+from learner.stream_batch import (StreamBatch, StreamPolicy, collate, logprobs_and_entropy,
                                   pad_tokens, policy_forward, split_attention, stream_logprobs)
 from learner.precision import learner_dtype
 from learner.step_stats import StepSums
@@ -142,7 +142,7 @@ class LearnerWorker:
         seed = self.cfg.run.seed if seed is None else seed
         policy = StreamPolicy(self._build_lm(ds, init_state, seed))
         if self.spec.needs_attention:
-            self.capture = install_attention_capture(policy.lm)
+            self.capture = policy.capture
         exact = self._fp32_source(policy.lm, init_state)
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=list(policy.parameters()), config=ds)
         if exact is not None:
@@ -205,7 +205,7 @@ class LearnerWorker:
     def _collate(self, trajs: Sequence[Trajectory], trained: Sequence[bool]) -> StreamBatch:
         """The padded batch; samples whose loss is masked (overlong filtering) keep a zero mask."""
         pad = int(trajs[0].stream_ids[0]) if trajs[0].stream_ids.numel() else 0  # any real id; masked out
-        batch = collate(trajs, pad, self.dtype, self.spec.answer_tokens)
+        batch = collate(trajs, pad, self.spec.answer_tokens)
         batch.mask[~torch.tensor(list(trained), dtype=torch.bool)] = 0.0
         return batch.to(self.device)
 

@@ -111,11 +111,11 @@ class TorchStep:
 
     def __init__(self, cfg, model: torch.nn.Module):
         from learner.advantages import AdvantageSpec
-        from learner.stream_batch import StreamPolicy, install_attention_capture
+        from learner.stream_batch import StreamPolicy
 
         self.cfg, self.policy = cfg, StreamPolicy(model)
         self.spec = AdvantageSpec.from_config(cfg)
-        self.capture = install_attention_capture(model) if self.spec.needs_attention else None
+        self.capture = self.policy.capture if self.spec.needs_attention else None
         lc = cfg.learner
         self.opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=lc.betas, eps=1e-8, weight_decay=lc.weight_decay)
 
@@ -132,7 +132,7 @@ class TorchStep:
         total = 0.0
         for i in range(0, len(trajs), mbs):
             mb = trajs[i : i + mbs]
-            b = collate(mb, 0, torch.float32, self.spec.answer_tokens)
+            b = collate(mb, 0, self.spec.answer_tokens)
             if self.capture is not None:
                 self.capture.arm(b.answer_index)
             logits = policy_forward(self.policy, b)
