@@ -55,8 +55,8 @@ def score(trajs: Sequence[Trajectory], problems: Sequence[Problem], group_size: 
 class GeneratorWorker:
     """Owns one model (GPU-resident when there is one) and its rewindable generator."""
 
-    def __init__(self, cfg: Config, seed: int = 0):
-        torch.set_num_threads(actor_threads(cfg.resources.torch_threads))
+    def __init__(self, cfg: Config, seed: int = 0, threads_share: int = 1):
+        torch.set_num_threads(actor_threads(cfg.resources.torch_threads, share=threads_share))
         self.cfg = cfg
         device = resolve_device(cfg.model.device)
         model = load_model(cfg.model, device=device, seed=cfg.run.seed)
@@ -64,6 +64,9 @@ class GeneratorWorker:
         self.scorer = Scorer(cfg.reward)  # worker processes, reused across steps
         self.batches = 0
         self._fault_rng = random.Random(seed)
+
+    def torch_threads(self) -> int:
+        return torch.get_num_threads()
 
     def load_weights(self, weights, version: int) -> bool:
         """Load a state dict (or a ref to one) unless this version is already loaded. True if loaded."""
@@ -131,7 +134,9 @@ class GeneratorWorker:
 
 
 def make_generator_actor(cfg: Config, num_gpus: float = 0.0, num_cpus: float = 1.0, seed: int = 0,
-                         max_restarts: int = 0, **options):
-    """Start one generator actor; `options` go to `.options()` (name, runtime_env, scheduling_strategy, ...)."""
+                         max_restarts: int = 0, threads_share: int = 1, **options):
+    """Start one generator actor; `options` go to `.options()` (name, runtime_env, scheduling_strategy, ...).
+    `threads_share`: generators on its node (they split its cores)."""
     cls = ray.remote(GeneratorWorker)
-    return cls.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, **options).remote(cfg, seed)
+    return cls.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
+                       **options).remote(cfg, seed, threads_share)

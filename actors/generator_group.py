@@ -28,7 +28,7 @@ from actors.rollout_stats import ACCEPTED_KEY, OUTCOMES_KEY, merge_stats
 from e3rl.config import Config
 from e3rl.core.dynamic_sampling import GroupOutcome
 from e3rl.core.threshold import UncertaintyHistory
-from e3rl.placement import reserve_bundles
+from e3rl.placement import bundles_per_node, reserve_bundles
 from e3rl.tasks.base import Problem
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ class GeneratorGroup:
         bundle = {"CPU": r.cpus_per_generator, "GPU": r.gpus_per_generator, **r.generator_resources}
         self.pg = reserve_bundles([bundle] * r.num_generators, r.placement_strategy, placement_timeout_s,
                                   role="generators", fields="resources.num_generators / resources.cpus_per_generator")
+        share = bundles_per_node(self.pg)
         self.actors = [
             make_generator_actor(
                 cfg, num_gpus=r.gpus_per_generator, num_cpus=r.cpus_per_generator, seed=cfg.run.seed * 1000 + i,
-                max_restarts=max_restarts, runtime_env=runtime_env,
+                max_restarts=max_restarts, runtime_env=runtime_env, threads_share=share[i],
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             )
             for i in range(r.num_generators)
@@ -140,6 +141,10 @@ class GeneratorGroup:
         return a.generate.remote([prompts[j] for j in s], [group_ids[j] for j in s], [problems[j].uid for j in s],
                                  [problems[j] for j in s], group_size, heal,
                                  None if seed is None else seed * 1009 + i, self.history)
+
+    def torch_threads(self) -> list[int]:
+        """Each generator's torch intra-op threads (see e3rl.models.actor_threads)."""
+        return ray.get([a.torch_threads.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

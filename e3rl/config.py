@@ -287,8 +287,11 @@ class ResourcesConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Placement-group strategy per role."""
     torch_threads: int = 0
-    """Torch intra-op threads per actor (0 = all cores of its node: the loop's phases do not
-    overlap, so each phase may use the whole machine; Ray would otherwise set 1 per CPU reserved)."""
+    """Torch intra-op threads per actor. 0 = its node's cores split among the actors of the same
+    role on that node (generators decode together, learner ranks step together). Roles do not
+    split cores with each other: the loop's phases (generate, train, sync) never overlap, so each
+    phase may use the whole node. A deployment that overlaps them (e.g. generators and learner
+    ranks busy at once on one node) sets this explicitly. Ray would otherwise set 1 per CPU reserved."""
     connect_timeout_s: float = 20.0
     """Fail if the Ray address does not answer, or answers but is not Ray, within this time."""
 

@@ -231,6 +231,16 @@ def load_model(m: ModelConfig, device: torch.device | None = None, dtype: torch.
 
 def actor_threads(torch_threads: int, share: int = 1) -> int:
     """Intra-op threads for an actor process: the configured number, else this node's cores split
-    among `share` processes that compute at the same time. Ray would set 1 per reserved CPU, which
-    leaves cores idle: the loop's phases (generate, train) never overlap."""
-    return torch_threads or max(1, (os.cpu_count() or 1) // max(1, share))
+    among the `share` actors of its role on this node, which compute at the same time (the groups
+    count them from their placement: e3rl.placement.bundles_per_node). Other roles are idle
+    meanwhile: the loop's phases (generate, train, sync) never overlap. Ray would set 1 per
+    reserved CPU, which leaves cores idle."""
+    return torch_threads or max(1, usable_cores() // max(1, share))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's cpuset, not the host's count where it differs)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1

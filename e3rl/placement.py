@@ -25,3 +25,14 @@ def reserve_bundles(bundles: Sequence[dict[str, float]], strategy: str, timeout_
             "lower them or add nodes"
         ) from None
     return pg
+
+
+def bundles_per_node(pg: Any) -> list[int]:
+    """For each bundle of a ready placement group, how many of its bundles share that bundle's node.
+
+    A role's actors on one node compute at the same time (generators decode together; learner ranks
+    step together), so they split the node's cores between them: `actor_threads(share=...)`."""
+    from ray.util.placement_group import placement_group_table
+
+    nodes = placement_group_table(pg)["bundles_to_node_id"]  # {bundle index: node id}
+    return [sum(1 for other in nodes.values() if other == nodes[i]) for i in range(len(nodes))]

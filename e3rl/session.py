@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from e3rl import rundir
 from e3rl.batching import DynamicSampling
@@ -73,6 +73,8 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     check_resources(cfg)
     out = rundir.prepare(cfg)
     roles = build_roles(cfg)
+    threads = {"generators": roles.generators.torch_threads(), "learner_ranks": [i["threads"] for i in roles.learner.info]}
+    log.info("torch threads per actor: %s", threads)
     stream = PromptStream(work.train, cfg.algo.prompts_per_step, seed=cfg.data.seed)
     state = _resume(cfg, roles, out, stream)
     logger = MetricsLogger(out, cfg.run.steps, progress=cfg.run.progress, resumed_step=state.step)
@@ -117,7 +119,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     after = run_eval(state.step) if eval_sets and not stop.stop else {}
     logger.log(state.step, after)
     logger.close()
-    summary = write_summary(out, cfg, before, after, first_step, state, time.time() - t_start)
+    summary = write_summary(out, cfg, before, after, first_step, state, time.time() - t_start, threads)
     if cfg.run.report:
         from e3rl.report import write_report
 
@@ -128,7 +130,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
 
 
 def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step: int, state: LoopState,
-                  wall_s: float) -> dict[str, Any]:
+                  wall_s: float, threads: Optional[dict[str, list[int]]] = None) -> dict[str, Any]:
     steps, _ = read_metrics(out)
     phases: dict[str, float] = {}
     for r in steps:
@@ -160,6 +162,7 @@ def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step:
         "peak_kv_bytes": max((r.get("gen/peak_kv_bytes", 0.0) for r in steps), default=0.0),
         "phase_seconds": phases,
         "wall_s": wall_s,
+        "torch_threads": threads or {},
         "e3rl": cfg.heal_active,
         "allocation": cfg.allocation,
         "final_policy": str(out / "policy"),

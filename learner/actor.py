@@ -11,10 +11,10 @@ from learner.worker import LearnerWorker
 
 class LearnerRank(LearnerWorker):
     """Process-level setup that belongs to the actor, not the plain class: torch threads
-    (the ranks on a node share its cores; generators are idle while the learner trains)."""
+    (the `threads_share` ranks on its node split its cores; generators are idle while the learner trains)."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
-        torch.set_num_threads(actor_threads(cfg.resources.torch_threads, share=world_size))
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, threads_share: int = 1):
+        torch.set_num_threads(actor_threads(cfg.resources.torch_threads, share=threads_share))
         super().__init__(cfg, rank, world_size)
 
 

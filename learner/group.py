@@ -19,7 +19,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from e3rl.config import Config, RunHalted
-from e3rl.placement import reserve_bundles
+from e3rl.placement import bundles_per_node, reserve_bundles
 from e3rl.core.trajectory import Trajectory
 from learner import checkpoint as ckpt
 from learner.weights import WeightHandle
@@ -63,11 +63,12 @@ class LearnerGroup:
         n, b = cfg.learner.num_workers, bundle(cfg)
         self.pg = reserve(cfg, placement_timeout_s)
         env = default_runtime_env(cfg, extra_env)
+        share = bundles_per_node(self.pg)
         self.workers = [
             LearnerActor.options(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), runtime_env=env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(cfg, i, n)
+            ).remote(cfg, i, n, share[i])
             for i in range(n)
         ]
         try:

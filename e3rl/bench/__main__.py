@@ -1,10 +1,10 @@
-"""`python -m e3rl.bench {generator,learner} [--out FILE.json] [...]`"""
+"""`python -m e3rl.bench {generator,learner,lengths} [--out FILE.json] [...]`"""
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHES = ("generator", "learner")
+BENCHES = ("generator", "learner", "lengths")
 
 
 def main(argv: list[str]) -> int:

@@ -78,12 +78,19 @@ def looped(ray_session, tmp_path_factory):
         stats = ray.get(roles.buffer.stats.remote())
         trajs = [ray.get(refs) for refs in gen.seen]  # per step: [shard lists of Trajectory]
         final_gen_version = ray.get(roles.generators.actors[0].policy_version.remote())
-        yield dict(cfg=cfg, state=state, stats=stats, logged=logged, produced=gen.seen, trained=learner.seen,
+        yield dict(threads=roles.generators.torch_threads(), cfg=cfg, state=state, stats=stats, logged=logged, produced=gen.seen, trained=learner.seen,
                    trajs=trajs, checkpoints=checkpoints, final_gen_version=final_gen_version)
     finally:
         roles.generators.shutdown()
         roles.learner.shutdown()
         ray.kill(roles.buffer)
+
+
+def test_generators_on_one_node_split_its_cores(looped):
+    """Two generators decode at the same time on this one node: each gets half of its cores."""
+    from e3rl.models import usable_cores
+
+    assert looped["threads"] == [max(1, usable_cores() // 2)] * 2
 
 
 def test_every_trajectory_trained_exactly_once(looped):

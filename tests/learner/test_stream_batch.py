@@ -13,9 +13,18 @@ from e3rl.models import load_model
 from learner.stream_batch import StreamPolicy, collate, policy_forward, split_attention, stream_logprobs
 from tests.conftest import tiny_model_config
 from tests.core.test_stream_layout import simulated_erased_at
-from tests.learner.learner_reference import dense_collate
+from e3rl.bench.dense_reference import dense_collate
 
 T = 0.7
+
+
+@pytest.fixture(params=["fused", "short"])
+def kernel(request, monkeypatch):
+    """Both attention paths: the fused causal kernel + erased pass, and the short-row masked matmul."""
+    import learner.stream_batch as sb
+
+    monkeypatch.setattr(sb, "CPU_SHORT_ROWS", 0 if request.param == "fused" else 10**6)
+    return request.param
 
 
 def _trajs(vocab: int = 49152):
@@ -40,7 +49,7 @@ def _nested_trajs(n: int = 3, vocab: int = 49152):
 
 
 @pytest.mark.parametrize("family,kind", [("qwen3", "segments"), ("llama", "segments"), ("qwen3", "nested")])
-def test_one_pass_equals_separate_visible_context_forwards(family, kind):
+def test_one_pass_equals_separate_visible_context_forwards(family, kind, kernel):
     model = load_model(tiny_model_config(family), seed=1)
     trajs = _trajs() if kind == "segments" else _nested_trajs()
     batch = collate(trajs, pad_id=0)
@@ -57,7 +66,7 @@ def test_one_pass_equals_separate_visible_context_forwards(family, kind):
 
 
 @pytest.mark.parametrize("kind", ["segments", "nested"])
-def test_stream_forward_equals_dense_mask_forward_values_and_gradients(kind):
+def test_stream_forward_equals_dense_mask_forward_values_and_gradients(kind, kernel):
     """Against HF's own forward under the core's dense [L, L] mask, in stream order."""
     trajs = _trajs() if kind == "segments" else _nested_trajs()
     ref_model = load_model(tiny_model_config("qwen3", attn="eager"), seed=4)
@@ -96,7 +105,7 @@ def test_layout_padding_and_alignment():
         assert b.erased_vis[i, 0].any(-1).all()  # padding entries see one key: softmax stays finite
 
 
-def test_attention_capture_equals_eager_attention_and_changes_nothing():
+def test_attention_capture_equals_eager_attention_and_changes_nothing(kernel):
     trajs = _nested_trajs()
     b = collate(trajs, pad_id=0, answer_tokens=4)
     model = load_model(tiny_model_config(), seed=2)
