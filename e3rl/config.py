@@ -246,6 +246,10 @@ class LearnerConfig:
     """Most padded tokens (sequences x the longest prompt + stream) per forward/backward: sequences
     sorted by length are packed up to this budget, so short streams share one forward and a long
     one gets its own. 0 = no token budget (micro_batch_size sequences)."""
+    pack_tokens: int = 1024
+    """Samples of one prompt share a row (the prompt computed once for the group) when every
+    sample of a micro-batch, and each shared row, fits this many tokens; such rows need an [L, L]
+    mask, so this bounds its size. 0 = one row per sample."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
@@ -486,6 +490,7 @@ def _validate(c: Config) -> None:
     _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1", "e.g. 4")
     _check(l.micro_batch_tokens >= 0, "learner.micro_batch_tokens", f"must be >= 0, got {l.micro_batch_tokens}",
            "0 = no token budget, e.g. 4096")
+    _check(l.pack_tokens >= 0, "learner.pack_tokens", f"must be >= 0, got {l.pack_tokens}", "0 = off, e.g. 1024")
     _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0-3, got {l.zero_stage}", "use 3")
     _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0", "e.g. 1.0")
     _check(r.num_generators >= 1, "resources.num_generators", "must be >= 1", "e.g. 1")

@@ -5,8 +5,14 @@ stream tokens, with their logical position ids. One forward then reproduces what
 token saw when it was generated, with no [B, 1, L, L] mask: the `e3rl_stream` attention runs
 plain causal attention (fused kernels, no mask) for every row and recomputes only the erased
 tokens' rows against a boolean [B, 1, E, L] visibility (E bounded by the erase budget), so memory
-is linear in L. The logits predicting stream token k sit at its predecessor's row (`target_index`),
-so the LM head runs only on those S rows, not on all L = P + S rows.
+is linear in L. The logits predicting stream token k sit at its predecessor's position
+(`target_index`), so the LM head runs only on those S positions, not on all L = P + S.
+
+Shared prompts: a GRPO group's G samples have one prompt, often most of their tokens when answers
+are short (the embedded default: ~70 prompt tokens, ~15-30 answer tokens). When every sample of
+a batch fits `learner.pack_tokens`, the samples of one prompt share a row: the prompt once, then
+each member's kept-first stream block, under an explicit [L, L] mask (bounded by pack_tokens).
+The prompt's activations then get the gradient of all members at once, exactly as G copies would.
 
 Also here: the cheap attention capture the `attention` allocator reads. It rides along the same
 training forward: when armed, the attention function also computes softmax(q k^T) for the Q
@@ -32,20 +38,26 @@ STREAM_IMPL = "e3rl_stream"
 
 @dataclass
 class StreamBatch:
-    input_ids: torch.Tensor  # [B, L] long, kept-first rows, right-padded
+    """B rows of prompt + streams for N samples. A row holds one sample (kept-first), or, when a
+    group's samples share a prompt and fit `pack_tokens`, the prompt once and then each member's
+    stream block (kept-first within the block), so the prompt is computed once for all of them."""
+
+    input_ids: torch.Tensor  # [B, L] long, right-padded
     position_ids: torch.Tensor  # [B, L] long: prompt 0..P-1, then each stream token's logical position
     erased_rows: torch.Tensor  # [B, E] long: rows of the erased tokens (E = most erased tokens in a row)
     erased_vis: torch.Tensor  # [B, 1, E, L] bool: keys each erased token saw (padding entries see row 0)
     erased_valid: torch.Tensor  # [B, E] bool
-    stream_rows: torch.Tensor  # [B, S] long: row of stream token k (stream order)
-    target_index: torch.Tensor  # [B, S] long: row whose logits predict stream token k
-    stream_ids: torch.Tensor  # [B, S] long
-    behavior_logp: torch.Tensor  # [B, S] float: the generator's log-probs (pi_gen)
-    mask: torch.Tensor  # [B, S] float: 1 on real stream tokens
-    answer_index: torch.Tensor  # [B, Q] long: rows of the final kept tokens (answer queries)
-    answer_valid: torch.Tensor  # [B, Q] bool
-    prompt_len: torch.Tensor  # [B] long
-    stream_len: torch.Tensor  # [B] long
+    packed_vis: torch.Tensor  # [B, 1, L, L] bool when prompts are shared (L <= pack_tokens), else [0]
+    sample_row: torch.Tensor  # [N] long: the row holding sample n
+    stream_rows: torch.Tensor  # [N, S] long: position in its row of stream token k (stream order)
+    target_index: torch.Tensor  # [N, S] long: position in its row whose logits predict stream token k
+    stream_ids: torch.Tensor  # [N, S] long
+    behavior_logp: torch.Tensor  # [N, S] float: the generator's log-probs (pi_gen)
+    mask: torch.Tensor  # [N, S] float: 1 on real stream tokens
+    answer_index: torch.Tensor  # [N, Q] long: positions of the final kept tokens (answer queries)
+    answer_valid: torch.Tensor  # [N, Q] bool
+    prompt_len: torch.Tensor  # [N] long
+    stream_len: torch.Tensor  # [N] long
 
     def to(self, device: torch.device) -> "StreamBatch":
         return StreamBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -54,41 +66,95 @@ class StreamBatch:
     def num_tokens(self) -> float:
         return float(self.mask.sum())
 
+    @property
+    def packed(self) -> bool:
+        return self.packed_vis.dim() == 4
 
-def collate(trajs: Sequence[Trajectory], pad_id: int, answer_tokens: int = 16) -> StreamBatch:
-    """Right-pad a list of trajectories, each laid out kept-first, into one StreamBatch."""
-    b = len(trajs)
-    layouts = [kept_first_layout(t.prompt_ids.numel(), t.erased_at) for t in trajs]
+
+def shared_prompt_rows(trajs: Sequence[Trajectory], pack_tokens: int) -> list[list[int]]:
+    """Samples per row: those with the same prompt share one row while it stays <= pack_tokens
+    (GRPO groups: G samples of one prompt, whose prompt is most of the tokens when answers are short).
+    Packing is all or nothing per batch: it needs a dense [L, L] mask, so only if every sample fits."""
     lens = [t.prompt_ids.numel() + t.stream_ids.numel() for t in trajs]
-    L, S, Q = max(lens), max(1, max(t.stream_ids.numel() for t in trajs)), max(1, answer_tokens)
-    E = max(lay.erased_vis.shape[0] for lay in layouts)
-    input_ids = torch.full((b, L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros(b, L, dtype=torch.long)
-    erased_rows = torch.zeros(b, E, dtype=torch.long)
-    erased_vis = torch.zeros(b, 1, E, L, dtype=torch.bool)
+    if pack_tokens <= 0 or max(lens) > pack_tokens:
+        return [[i] for i in range(len(trajs))]
+    by_prompt: dict[tuple, list[int]] = {}
+    for i, t in enumerate(trajs):
+        by_prompt.setdefault(tuple(t.prompt_ids.tolist()), []).append(i)
+    rows = []
+    for members in by_prompt.values():
+        cur, width = [], 0
+        for i in members:
+            s = trajs[i].stream_ids.numel()
+            if cur and width + s > pack_tokens:
+                rows.append(cur)
+                cur = []
+            if not cur:
+                width = trajs[i].prompt_ids.numel()
+            cur.append(i)
+            width += s
+        rows.append(cur)
+    return rows
+
+
+def collate(trajs: Sequence[Trajectory], pad_id: int, answer_tokens: int = 16, pack_tokens: int = 0) -> StreamBatch:
+    """Lay out and right-pad trajectories into one StreamBatch (see `shared_prompt_rows`)."""
+    n = len(trajs)
+    plan = shared_prompt_rows(trajs, pack_tokens)
+    packed = any(len(r) > 1 for r in plan)
+    layouts = [kept_first_layout(t.prompt_ids.numel(), t.erased_at) for t in trajs]
+    row_len = [trajs[r[0]].prompt_ids.numel() + sum(trajs[i].stream_ids.numel() for i in r) for r in plan]
+    B, L = len(plan), max(row_len)
+    S, Q = max(1, max(t.stream_ids.numel() for t in trajs)), max(1, answer_tokens)
+    E = 0 if packed else max(lay.erased_vis.shape[0] for lay in layouts)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(B, L, dtype=torch.long)
+    erased_rows = torch.zeros(B, E, dtype=torch.long)
+    erased_vis = torch.zeros(B, 1, E, L, dtype=torch.bool)
     erased_vis[..., 0] = True  # padding entries attend to one real key: finite, never written back
-    erased_valid = torch.zeros(b, E, dtype=torch.bool)
-    stream_rows = torch.zeros(b, S, dtype=torch.long)
-    target = torch.zeros(b, S, dtype=torch.long)
-    stream_ids = torch.full((b, S), pad_id, dtype=torch.long)
-    behavior_logp = torch.zeros(b, S)
-    mask = torch.zeros(b, S)
-    ans_idx = torch.zeros(b, Q, dtype=torch.long)
-    ans_ok = torch.zeros(b, Q, dtype=torch.bool)
-    for i, (t, lay) in enumerate(zip(trajs, layouts)):
-        p, s, n, e = t.prompt_ids.numel(), t.stream_ids.numel(), lens[i], lay.erased_vis.shape[0]
-        input_ids[i, :n] = torch.cat([t.prompt_ids, t.stream_ids])[lay.order]
-        position_ids[i, :n] = torch.cat([torch.arange(p), t.position_ids])[lay.order]
-        erased_rows[i, :e], erased_vis[i, 0, :e, :n], erased_valid[i, :e] = lay.erased_rows, lay.erased_vis, True
-        stream_rows[i, :s], target[i, :s] = lay.stream_row, lay.target_row
-        stream_ids[i, :s] = t.stream_ids
-        behavior_logp[i, :s] = t.behavior_logp.float()
-        mask[i, :s] = 1.0
-        rows = p + torch.arange(lay.kept)[-Q:]  # the last kept tokens answer
-        ans_idx[i, : rows.numel()], ans_ok[i, : rows.numel()] = rows, True
+    erased_valid = torch.zeros(B, E, dtype=torch.bool)
+    vis = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1) if packed else None  # pad queries see themselves
+    sample_row = torch.zeros(n, dtype=torch.long)
+    stream_rows = torch.zeros(n, S, dtype=torch.long)
+    target = torch.zeros(n, S, dtype=torch.long)
+    stream_ids = torch.full((n, S), pad_id, dtype=torch.long)
+    behavior_logp = torch.zeros(n, S)
+    mask = torch.zeros(n, S)
+    ans_idx = torch.zeros(n, Q, dtype=torch.long)
+    ans_ok = torch.zeros(n, Q, dtype=torch.bool)
+    for b, members in enumerate(plan):
+        p = trajs[members[0]].prompt_ids.numel()
+        input_ids[b, :p], position_ids[b, :p] = trajs[members[0]].prompt_ids, torch.arange(p)
+        if vis is not None:
+            vis[b, :p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        offset = p
+        for i in members:
+            t, lay, s = trajs[i], layouts[i], trajs[i].stream_ids.numel()
+            # a position of the sample's own kept-first layout -> its position in this row
+            place = lambda r, o=offset: torch.where(r < p, r, r - p + o)  # noqa: E731
+            input_ids[b, offset : offset + s] = torch.cat([t.prompt_ids, t.stream_ids])[lay.order][p:]
+            position_ids[b, offset : offset + s] = torch.cat([torch.arange(p), t.position_ids])[lay.order][p:]
+            if vis is not None:
+                k = lay.kept
+                vis[b, offset : offset + k, :p] = True
+                vis[b, offset : offset + k, offset : offset + k] = torch.ones(k, k, dtype=torch.bool).tril()
+                vis[b, offset + k : offset + s, :p] = lay.erased_vis[:, :p]
+                vis[b, offset + k : offset + s, offset : offset + s] = lay.erased_vis[:, p:]
+            else:
+                e = lay.erased_vis.shape[0]
+                erased_rows[b, :e], erased_vis[b, 0, :e, : p + s], erased_valid[b, :e] = lay.erased_rows, lay.erased_vis, True
+            sample_row[i] = b
+            stream_rows[i, :s], target[i, :s] = place(lay.stream_row), place(lay.target_row)
+            stream_ids[i, :s] = t.stream_ids
+            behavior_logp[i, :s] = t.behavior_logp.float()
+            mask[i, :s] = 1.0
+            rows = offset + torch.arange(lay.kept)[-Q:]  # the last kept tokens answer
+            ans_idx[i, : rows.numel()], ans_ok[i, : rows.numel()] = rows, True
+            offset += s
     return StreamBatch(
         input_ids=input_ids, position_ids=position_ids, erased_rows=erased_rows, erased_vis=erased_vis,
-        erased_valid=erased_valid, stream_rows=stream_rows, target_index=target, stream_ids=stream_ids,
+        erased_valid=erased_valid, packed_vis=vis.unsqueeze(1) if vis is not None else torch.zeros(0, dtype=torch.bool),
+        sample_row=sample_row, stream_rows=stream_rows, target_index=target, stream_ids=stream_ids,
         behavior_logp=behavior_logp, mask=mask, answer_index=ans_idx, answer_valid=ans_ok,
         prompt_len=torch.tensor([t.prompt_ids.numel() for t in trajs]),
         stream_len=torch.tensor([t.stream_ids.numel() for t in trajs]),
@@ -124,23 +190,23 @@ class StreamPolicy(nn.Module):
         self._full_head = _has_logit_transform(lm.config)
         self.capture = install_stream_attention(lm)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, target_index: torch.Tensor,
-                erased_rows: torch.Tensor, erased_vis: torch.Tensor, erased_valid: torch.Tensor) -> torch.Tensor:
-        """-> logits [B, S, V] predicting each stream token."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, sample_row: torch.Tensor,
+                target_index: torch.Tensor, erased_rows: torch.Tensor, erased_vis: torch.Tensor,
+                erased_valid: torch.Tensor, packed_vis: torch.Tensor) -> torch.Tensor:
+        """-> logits [N, S, V] predicting each sample's stream tokens."""
         kw = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                  e3rl_erased=(erased_rows, erased_vis, erased_valid))
+                  e3rl_layout=StreamAttention(erased_rows, erased_vis, erased_valid, packed_vis))
+        at = (sample_row[:, None], target_index)  # [N, S] positions in the rows
         if self._full_head:
-            logits = self.lm(**kw).logits  # [B, L, V]
-            return logits.gather(1, target_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            return self.lm(**kw).logits[at]  # [N, S, V]
         h = self.lm.get_decoder()(**kw).last_hidden_state  # [B, L, H]
-        h = h.gather(1, target_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, S, H]
-        return self.lm.get_output_embeddings()(h)  # [B, S, V]
+        return self.lm.get_output_embeddings()(h[at])  # [N, S, V]
 
 
 def policy_forward(policy: Callable[..., torch.Tensor], batch: StreamBatch) -> torch.Tensor:
-    """Run `policy` (a StreamPolicy or the DeepSpeed engine wrapping one) on a batch -> [B, S, V]."""
-    return policy(batch.input_ids, batch.position_ids, batch.target_index, batch.erased_rows, batch.erased_vis,
-                  batch.erased_valid)
+    """Run `policy` (a StreamPolicy or the DeepSpeed engine wrapping one) on a batch -> [N, S, V]."""
+    return policy(batch.input_ids, batch.position_ids, batch.sample_row, batch.target_index, batch.erased_rows,
+                  batch.erased_vis, batch.erased_valid, batch.packed_vis)
 
 
 def stream_logprobs(logits: torch.Tensor, batch: StreamBatch, temperature: float) -> torch.Tensor:
@@ -157,37 +223,51 @@ def logprobs_and_entropy(logits: torch.Tensor, batch: StreamBatch, temperature: 
 
 # ------------------------------------------------------------------ attention capture
 class AttentionCapture:
-    """Attention of selected query rows, accumulated across layers during one armed forward."""
+    """Attention of selected query positions, accumulated across layers during one armed forward."""
 
     def __init__(self):
-        self.index: Optional[torch.Tensor] = None  # [B, Q]
-        self.total: Optional[torch.Tensor] = None  # [B, Q, L] sum over layers of head-mean probs
+        self.index: Optional[torch.Tensor] = None  # [N, Q] positions in the samples' rows
+        self.rows: Optional[torch.Tensor] = None  # [N] the row of each sample
+        self.total: Optional[torch.Tensor] = None  # [N, Q, L] sum over layers of head-mean probs
         self.layers = 0
 
-    def arm(self, index: torch.Tensor) -> None:
-        self.index, self.total, self.layers = index, None, 0
+    def arm(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        self.index, self.rows, self.total, self.layers = index, rows, None, 0
 
     def disarm(self) -> Optional[torch.Tensor]:
-        """-> [B, Q, L] attention averaged over heads and layers (None if nothing was captured)."""
+        """-> [N, Q, L] attention averaged over heads and layers (None if nothing was captured)."""
         out = None if self.total is None else self.total / max(1, self.layers)
-        self.index, self.total, self.layers = None, None, 0
+        self.index, self.rows, self.total, self.layers = None, None, None, 0
         return out
 
     @torch.no_grad()
-    def add(self, query: torch.Tensor, key: torch.Tensor, scaling: Optional[float]) -> None:
-        """The answer rows are kept tokens: in the kept-first order they saw exactly the rows <= their own."""
-        idx = self.index.to(query.device)
-        b, h, _, d = query.shape  # query [B, H, L, D]; key [B, Hkv, L, D]
-        hkv, q, n = key.shape[1], idx.shape[1], key.shape[2]
-        qa = query.gather(2, idx[:, None, :, None].expand(b, h, q, d)).float()  # [B, H, Q, D]
-        qa = qa.view(b, hkv, h // hkv, q, d)
-        scores = qa @ key.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, g, Q, L]
+    def add(self, query: torch.Tensor, key: torch.Tensor, scaling: Optional[float], packed_vis: torch.Tensor) -> None:
+        """The answer positions are kept tokens: unpacked, they saw exactly the positions <= their own
+        (kept-first order); in a shared-prompt row, what `packed_vis` says."""
+        idx, rows = self.index.to(query.device), self.rows.to(query.device)
+        _, h, n, d = query.shape  # query [B, H, L, D]; key [B, Hkv, L, D]
+        hkv, q, m = key.shape[1], idx.shape[1], idx.shape[0]
+        qa = query.transpose(1, 2)[rows[:, None], idx].transpose(1, 2).float()  # [N, H, Q, D]
+        scores = qa.view(m, hkv, h // hkv, q, d) @ key.float()[rows][:, :, None].transpose(-1, -2)  # [N, Hkv, g, Q, L]
         scores = scores * (scaling if scaling is not None else d ** -0.5)
-        future = torch.arange(n, device=idx.device)[None, None, :] > idx[:, :, None]  # [B, Q, L]
-        scores = scores.masked_fill(future[:, None, None], torch.finfo(torch.float32).min)
-        probs = scores.softmax(-1).mean((1, 2))  # [B, Q, L]
+        if packed_vis.dim() == 4:
+            hidden = ~packed_vis[rows[:, None], 0, idx]  # [N, Q, L]
+        else:
+            hidden = torch.arange(n, device=idx.device)[None, None, :] > idx[:, :, None]
+        scores = scores.masked_fill(hidden[:, None, None], torch.finfo(torch.float32).min)
+        probs = scores.softmax(-1).mean((1, 2))  # [N, Q, L]
         self.total = probs if self.total is None else self.total + probs
         self.layers += 1
+
+
+@dataclass
+class StreamAttention:
+    """What the `e3rl_stream` attention needs besides q, k, v (see StreamBatch)."""
+
+    erased_rows: torch.Tensor
+    erased_vis: torch.Tensor
+    erased_valid: torch.Tensor
+    packed_vis: torch.Tensor
 
 
 # Rows up to this many tokens run one masked matmul attention on CPU instead of the fused kernel:
@@ -198,43 +278,57 @@ class AttentionCapture:
 CPU_SHORT_ROWS = 160
 
 
-def _short_rows_attention(module: nn.Module, query, key, value, erased, scaling: Optional[float]) -> torch.Tensor:
-    """softmax(q k^T) v over the rule's full visibility (causal, erased rows replaced) -> [B, L, H, D];
-    fp32 softmax, as HF's eager attention."""
-    b, h, n, d = query.shape
-    groups = h // key.shape[1]
+def _masked_attention(query, key, value, vis: torch.Tensor, scaling: Optional[float]) -> torch.Tensor:
+    """softmax(q k^T) v under a boolean [B, 1, L, L] visibility -> [B, L, H, D]; fp32 softmax, as
+    HF's eager attention."""
+    d, groups = query.shape[-1], query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    vis = torch.ones(n, n, dtype=torch.bool, device=query.device).tril().expand(b, 1, n, n)
-    if erased is not None and erased[0].shape[1]:
-        rows, erased_vis, valid = erased
-        bi, ei = valid.nonzero(as_tuple=True)
-        vis = vis.clone()
-        vis[bi, 0, rows[bi, ei]] = erased_vis[bi, 0, ei]
     scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)
     probs = scores.float().masked_fill(~vis, float("-inf")).softmax(-1).to(query.dtype)
     return (probs @ value).transpose(1, 2).contiguous()
 
 
-def _stream_attention_forward(module: nn.Module, query, key, value, attention_mask, e3rl_erased=None, **kwargs):
-    """Registered as `e3rl_stream`: causal SDPA for every row (no mask: fused kernels), then the
-    erased tokens' rows again with their own visibility, written over the causal result. Short
-    rows on CPU: one masked matmul attention instead (CPU_SHORT_ROWS)."""
+def _short_rows_visibility(layout: StreamAttention, b: int, n: int, device: torch.device) -> torch.Tensor:
+    """The rule as a [B, 1, L, L] mask for unpacked rows: causal, erased tokens' rows replaced."""
+    vis = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, 1, n, n)
+    if layout.erased_rows.shape[1]:
+        bi, ei = layout.erased_valid.nonzero(as_tuple=True)
+        vis = vis.clone()
+        vis[bi, 0, layout.erased_rows[bi, ei]] = layout.erased_vis[bi, 0, ei]
+    return vis
+
+
+def _stream_attention_forward(module: nn.Module, query, key, value, attention_mask, e3rl_layout=None, **kwargs):
+    """Registered as `e3rl_stream`. Unpacked rows: causal SDPA for every row (no mask: fused
+    kernels), then the erased tokens' rows again with their own visibility, written over the causal
+    result; on CPU, short rows take one masked matmul attention instead (CPU_SHORT_ROWS).
+    Shared-prompt rows (bounded by learner.pack_tokens): one attention under their [L, L] mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.device.type == "cpu" and query.shape[2] <= CPU_SHORT_ROWS and not (module.training and kwargs.get("dropout")):
-        out = _short_rows_attention(module, query, key, value, e3rl_erased, kwargs.get("scaling"))
+    lay: Optional[StreamAttention] = e3rl_layout
+    if lay is None:
+        raise RuntimeError("this model runs the e3rl_stream attention (a StreamPolicy wraps it): call it through "
+                           "StreamPolicy with a StreamBatch, or load a separate copy for plain forwards")
+    b, h, n, d = query.shape
+    cpu = query.device.type == "cpu" and not (module.training and kwargs.get("dropout"))
+    if lay.packed_vis.dim() == 4:
+        if cpu:
+            out = _masked_attention(query, key, value, lay.packed_vis, kwargs.get("scaling"))
+        else:
+            out, _ = sdpa_attention_forward(module, query, key, value, lay.packed_vis, **kwargs)
+    elif cpu and n <= CPU_SHORT_ROWS:
+        out = _masked_attention(query, key, value, _short_rows_visibility(lay, b, n, query.device), kwargs.get("scaling"))
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [B, L, H, D]
-        if e3rl_erased is not None and e3rl_erased[0].shape[1]:
-            rows, vis, valid = e3rl_erased  # [B, E], [B, 1, E, L], [B, E]
-            b, h, _, d = query.shape
+        rows = lay.erased_rows
+        if rows.shape[1]:
             q_erased = query.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
-            o_erased, _ = sdpa_attention_forward(module, q_erased, key, value, vis, **kwargs)  # [B, E, H, D]
-            bi, ei = valid.nonzero(as_tuple=True)
+            o_erased, _ = sdpa_attention_forward(module, q_erased, key, value, lay.erased_vis, **kwargs)  # [B, E, H, D]
+            bi, ei = lay.erased_valid.nonzero(as_tuple=True)
             out = out.index_put((bi, rows[bi, ei]), o_erased[bi, ei])
     cap: Optional[AttentionCapture] = getattr(module, "_e3rl_capture", None)
     if cap is not None and cap.index is not None:
-        cap.add(query, key, kwargs.get("scaling"))
+        cap.add(query, key, kwargs.get("scaling"), lay.packed_vis)
     return out, None
 
 
@@ -264,7 +358,7 @@ def install_stream_attention(lm: nn.Module) -> AttentionCapture:
 
 
 def split_attention(attn: torch.Tensor, batch: StreamBatch) -> list[torch.Tensor]:
-    """[B, Q, L] captured probs -> per row [Q_b, S_b]: valid answer queries over stream tokens (stream order)."""
+    """[N, Q, L] captured probs -> per sample [Q_n, S_n]: valid answer queries over its stream tokens (stream order)."""
     out = []
     for i in range(attn.shape[0]):
         s = int(batch.stream_len[i])

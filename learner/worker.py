@@ -206,7 +206,7 @@ class LearnerWorker:
     def _collate(self, trajs: Sequence[Trajectory], trained: Sequence[bool]) -> StreamBatch:
         """The padded batch; samples whose loss is masked (overlong filtering) keep a zero mask."""
         pad = int(trajs[0].stream_ids[0]) if trajs[0].stream_ids.numel() else 0  # any real id; masked out
-        batch = collate(trajs, pad, self.spec.answer_tokens)
+        batch = collate(trajs, pad, self.spec.answer_tokens, self.cfg.learner.pack_tokens)
         batch.mask[~torch.tensor(list(trained), dtype=torch.bool)] = 0.0
         return batch.to(self.device)
 
@@ -222,7 +222,7 @@ class LearnerWorker:
 
         The advantages need this forward only for the attention allocation (captured in it)."""
         if self.capture is not None:
-            self.capture.arm(batch.answer_index)
+            self.capture.arm(batch.answer_index, batch.sample_row)
         logits = policy_forward(self.engine, batch)  # [B, S, V]
         attn = self.capture.disarm() if self.capture is not None else None
         T = self.cfg.gen.temperature

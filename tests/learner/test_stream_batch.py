@@ -18,13 +18,14 @@ from e3rl.bench.dense_reference import dense_collate
 T = 0.7
 
 
-@pytest.fixture(params=["fused", "short"])
-def kernel(request, monkeypatch):
-    """Both attention paths: the fused causal kernel + erased pass, and the short-row masked matmul."""
+@pytest.fixture(params=["fused", "short", "packed"])
+def pack(request, monkeypatch) -> int:
+    """Every attention path: one row per sample through the fused causal kernel + erased pass or the
+    short-row masked matmul, and shared-prompt rows. -> the collate's pack_tokens."""
     import learner.stream_batch as sb
 
     monkeypatch.setattr(sb, "CPU_SHORT_ROWS", 0 if request.param == "fused" else 10**6)
-    return request.param
+    return 10**6 if request.param == "packed" else 0
 
 
 def _trajs(vocab: int = 49152):
@@ -49,12 +50,14 @@ def _nested_trajs(n: int = 3, vocab: int = 49152):
 
 
 @pytest.mark.parametrize("family,kind", [("qwen3", "segments"), ("llama", "segments"), ("qwen3", "nested")])
-def test_one_pass_equals_separate_visible_context_forwards(family, kind, kernel):
-    model = load_model(tiny_model_config(family), seed=1)
+def test_one_pass_equals_separate_visible_context_forwards(family, kind, pack):
+    model = load_model(tiny_model_config(family), seed=1)  # plain forwards: the policy gets its own copy
     trajs = _trajs() if kind == "segments" else _nested_trajs()
-    batch = collate(trajs, pad_id=0)
+    batch = collate(trajs, pad_id=0, pack_tokens=pack)
+    assert batch.packed == (pack > 0)
     with torch.no_grad():
-        one_pass = stream_logprobs(policy_forward(StreamPolicy(model), batch), batch, T)  # [B, S]
+        policy = StreamPolicy(load_model(tiny_model_config(family), seed=1))
+        one_pass = stream_logprobs(policy_forward(policy, batch), batch, T)  # [N, S]
         worst = 0.0
         for i, t in enumerate(trajs):
             vis = stream_visibility(t.erased_at)
@@ -66,7 +69,7 @@ def test_one_pass_equals_separate_visible_context_forwards(family, kind, kernel)
 
 
 @pytest.mark.parametrize("kind", ["segments", "nested"])
-def test_stream_forward_equals_dense_mask_forward_values_and_gradients(kind, kernel):
+def test_stream_forward_equals_dense_mask_forward_values_and_gradients(kind, pack):
     """Against HF's own forward under the core's dense [L, L] mask, in stream order."""
     trajs = _trajs() if kind == "segments" else _nested_trajs()
     ref_model = load_model(tiny_model_config("qwen3", attn="eager"), seed=4)
@@ -75,7 +78,7 @@ def test_stream_forward_equals_dense_mask_forward_values_and_gradients(kind, ker
     out = ref_model(input_ids=d.input_ids, attention_mask=d.attn_mask, position_ids=d.position_ids, use_cache=False)
     ref_logits = out.logits.gather(1, d.target_index[..., None].expand(-1, -1, out.logits.shape[-1]))
     ref = token_logprobs(ref_logits, d.stream_ids, T) * d.mask
-    b = collate(trajs, pad_id=0)
+    b = collate(trajs, pad_id=0, pack_tokens=pack)
     logp = stream_logprobs(policy_forward(StreamPolicy(model), b), b, T)
     assert (logp - ref).abs().max() < 1e-5
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
@@ -105,14 +108,32 @@ def test_layout_padding_and_alignment():
         assert b.erased_vis[i, 0].any(-1).all()  # padding entries see one key: softmax stays finite
 
 
-def test_attention_capture_equals_eager_attention_and_changes_nothing(kernel):
+def test_shared_prompt_rows_layout():
+    trajs = _trajs()  # 2 prompts x 2 samples
+    b = collate(trajs, pad_id=0, answer_tokens=3, pack_tokens=10**6)
+    assert b.input_ids.shape[0] == 2 and b.sample_row.tolist() == [0, 0, 1, 1]
+    for i, t in enumerate(trajs):
+        p, s, row = t.prompt_ids.numel(), t.stream_ids.numel(), int(b.sample_row[i])
+        assert torch.equal(b.input_ids[row, :p], t.prompt_ids)  # the prompt once, first
+        assert torch.equal(b.input_ids[row, b.stream_rows[i, :s]], t.stream_ids)
+        assert torch.equal(b.position_ids[row, b.stream_rows[i, :s]], t.position_ids)
+        vis = b.packed_vis[row, 0]
+        others = [j for j in range(len(trajs)) if j != i and int(b.sample_row[j]) == row]
+        for j in others:  # members never see each other's streams
+            cols = b.stream_rows[j, : trajs[j].stream_ids.numel()]
+            assert not vis[b.stream_rows[i, :s]][:, cols].any()
+        assert vis[b.stream_rows[i, :s], :p].all()  # and all see the prompt
+    assert collate(trajs, 0, pack_tokens=20).packed is False  # a sample longer than the cap: no sharing
+
+
+def test_attention_capture_equals_eager_attention_and_changes_nothing(pack):
     trajs = _nested_trajs()
-    b = collate(trajs, pad_id=0, answer_tokens=4)
+    b = collate(trajs, pad_id=0, answer_tokens=4, pack_tokens=pack)
     model = load_model(tiny_model_config(), seed=2)
     policy = StreamPolicy(model)
     with torch.no_grad():
         before = policy_forward(policy, b)
-        policy.capture.arm(b.answer_index)
+        policy.capture.arm(b.answer_index, b.sample_row)
         after = policy_forward(policy, b)
         rows = split_attention(policy.capture.disarm(), b)  # per row [Q_b, S_b], stream order
         eager = load_model(tiny_model_config(attn="eager"), seed=2)
