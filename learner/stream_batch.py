@@ -43,6 +43,7 @@ class StreamBatch:
     stream block (kept-first within the block), so the prompt is computed once for all of them."""
 
     input_ids: torch.Tensor  # [B, L] long, right-padded
+    row_len: torch.Tensor  # [B] long: real tokens of each row (prompt once + its members' streams)
     position_ids: torch.Tensor  # [B, L] long: prompt 0..P-1, then each stream token's logical position
     erased_rows: torch.Tensor  # [B, E] long: rows of the erased tokens (E = most erased tokens in a row)
     erased_vis: torch.Tensor  # [B, 1, E, L] bool: keys each erased token saw (padding entries see row 0)
@@ -152,7 +153,7 @@ def collate(trajs: Sequence[Trajectory], pad_id: int, answer_tokens: int = 16, p
             ans_idx[i, : rows.numel()], ans_ok[i, : rows.numel()] = rows, True
             offset += s
     return StreamBatch(
-        input_ids=input_ids, position_ids=position_ids, erased_rows=erased_rows, erased_vis=erased_vis,
+        input_ids=input_ids, row_len=torch.tensor(row_len), position_ids=position_ids, erased_rows=erased_rows, erased_vis=erased_vis,
         erased_valid=erased_valid, packed_vis=vis.unsqueeze(1) if vis is not None else torch.zeros(0, dtype=torch.bool),
         sample_row=sample_row, stream_rows=stream_rows, target_index=target, stream_ids=stream_ids,
         behavior_logp=behavior_logp, mask=mask, answer_index=ans_idx, answer_valid=ans_ok,

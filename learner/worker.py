@@ -45,7 +45,7 @@ from learner.stream_batch import (StreamBatch, StreamPolicy, collate, logprobs_a
                                   pad_tokens, policy_forward, split_attention, stream_logprobs)
 from learner.precision import learner_dtype
 from learner.step_stats import StepSums
-from learner.updates import Update, freeze_batches, padding_tokens, plan_updates
+from learner.updates import Update, freeze_batches, plan_updates
 from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict, set_fp32_masters
 
 
@@ -278,12 +278,14 @@ class LearnerWorker:
         self._times["forward_s"] += t1 - t0
         self._times["backward_s"] += time.perf_counter() - t1
         n = float(batch.mask.sum())
+        real = float(batch.row_len.sum()) if idx else 0.0  # tokens forwarded: a dummy's are all padding
         diff = (old - batch.behavior_logp).abs() * batch.mask  # learner (pi_old) vs generator numerics
         w = is_weight if is_weight is not None else batch.mask
         return StepSums(
             loss=float(loss.detach()) if finite else 0.0, clip_tokens=m["clip_frac"] * n, approx_kl=m["approx_kl"] * n,
             entropy=entropy, logp_diff=float(diff.sum()), tokens=n, nonfinite=float(not finite), ref_kl=m["ref_kl"] * n,
             tis_weight=float((w * batch.mask).sum()), logp_diff_max=float(diff.max()) if finite else 0.0,
+            real_tokens=real, padded_tokens=float(batch.input_ids.numel()),
         )
 
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
@@ -311,8 +313,6 @@ class LearnerWorker:
         applied, trailing_skips, grad_norms = 0, 0, []
         for update in plan:
             settings = self._loss_settings(update)
-            real, padded = padding_tokens(update.micro, lengths)
-            stats.add(StepSums(real_tokens=float(real), padded_tokens=float(padded)))
             for i, idx in enumerate(update.micro):
                 self.engine.set_gradient_accumulation_boundary(i == len(update.micro) - 1)
                 stats.add(self._micro_step(trajs, idx, outcome, trained, settings, frozen))
@@ -340,6 +340,7 @@ class LearnerWorker:
             "learner/logp_diff_mean": s.logp_diff / n, "learner/logp_diff_max": s.logp_diff_max,
             "learner/ref_kl": s.ref_kl / n, "learner/tis_weight_mean": s.tis_weight / n,
             "learner/padding_frac": 1.0 - s.real_tokens / max(1.0, s.padded_tokens),
+            "learner/tokens_forwarded": s.padded_tokens,  # rows x width of every forward (shared prompts once)
             "learner/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
             "learner/nonfinite_loss": s.nonfinite, "learner/updates": float(n_updates),
             "learner/skipped": float(n_updates - applied), "learner/skipped_trailing": float(trailing_skips),

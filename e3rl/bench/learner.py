@@ -278,6 +278,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "achieved_gflops": {k: round(flops / v / 1e9, 1) for k, v in med.items()},
         "e3rl_mfu_vs_bf16_peak": round(flops / e3 / 1e9 / peaks["bfloat16"], 3),
+        # the learner forwards fewer tokens than the samples hold when a group's prompt is shared:
+        # the MFU above is per sample token (the plain steps' work); this one counts what ran
+        "e3rl_tokens_forwarded": metrics["e3rl_1rank"]["learner/tokens_forwarded"],
+        "e3rl_mfu_on_forwarded_tokens": round(training_flops(params, int(metrics["e3rl_1rank"]["learner/tokens_forwarded"]))
+                                              / e3 / 1e9 / peaks["bfloat16"], 3),
         "plain_bf16_mfu_vs_bf16_peak": round(flops / plain16 / 1e9 / peaks["bfloat16"], 3),
         "e3rl_vs_plain_bf16_autocast": round(e3 / plain16, 3),
         "e3rl_vs_plain_fp32": round(e3 / med["plain_fp32"], 3),
