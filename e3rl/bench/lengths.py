@@ -8,15 +8,20 @@ the policy log-prob loss (no optimizer: its state does not depend on L):
   chunked log-probs);
 - `dense`: what it ran before (stream order, the dense [1, 1, L, L] mask, one fp32 log_softmax
   over [S, V]), from `e3rl.bench.dense_reference`.
-Peak memory is the process's high-water RSS above its level before the step (Linux: the peak is
-reset through /proc/self/clear_refs before each step), so it counts every allocation, the
-allocator's included. Each measured step follows one warm-up step of the same mode and length.
+Each (mode, L) runs in a fresh process: peak memory is its high-water RSS during the first step
+above its level before it (Linux: the peak is reset through /proc/self/clear_refs), so it counts
+every allocation, the allocator's included, and no memory cached by an earlier step hides any;
+the time is that of a second step (the first pays one-time kernel selection). Both include the
+parameters' bf16 gradients (~270 MB for the default's 135M parameters), the same for every L.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import subprocess
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -90,18 +95,31 @@ def dense_step(model: torch.nn.Module, traj: Trajectory) -> Callable[[], None]:
 
 
 def measure(step: Callable[[], None], model: torch.nn.Module) -> dict[str, Optional[float]]:
-    step()  # warm-up
-    model.zero_grad(set_to_none=True)
+    """Peak memory of a first step, time of a second (see the module docstring)."""
     gc.collect()
     exact = _reset_peak()
     before = _rss_mb("VmRSS")
+    step()
+    peak = _rss_mb("VmHWM")
+    model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0
-    peak = _rss_mb("VmHWM")
-    model.zero_grad(set_to_none=True)
     return {"s": round(seconds, 3),
             "peak_mb": round(peak - before, 1) if exact and peak is not None and before is not None else None}
+
+
+def _one(model_kind: str, mode: str, length: int) -> dict:
+    """One (mode, L) measurement, in this (fresh) process."""
+    from e3rl.bench.learner import _bench_config
+    from e3rl.models import load_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(_bench_config(1, 2, 1, 2, model_kind).model, seed=0).to(torch.bfloat16)
+    traj = long_trajectory(length, model.get_output_embeddings().weight.shape[0])
+    make = stream_step if mode == "stream" else dense_step
+    return {"mode": mode, "L": traj.prompt_ids.numel() + traj.stream_ids.numel(),
+            "erased_tokens": int((traj.erased_at >= 0).sum()), **measure(make(model, traj), model)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -110,27 +128,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--model", choices=("default", "toy"), default="default")
     ap.add_argument("--lengths", default="512,1024,2048,4096")
     ap.add_argument("--modes", default="stream,dense")
+    ap.add_argument("--one", nargs=2, metavar=("MODE", "L"), help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args(list(argv or []))
-    from e3rl.bench.learner import _bench_config
-    from e3rl.models import load_model, materialize_builtin
+    if args.one:
+        print("E3RL_LENGTH " + json.dumps(_one(args.model, args.one[0], int(args.one[1]))), flush=True)
+        return 0
+    from e3rl.models import materialize_builtin
 
     if args.model == "default":
         materialize_builtin("builtin:smollm2-135m-instruct")
-    torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     for mode in args.modes.split(","):
-        model = load_model(_bench_config(1, 1, 1, 1, args.model).model, seed=0).to(torch.bfloat16)
-        vocab = model.get_output_embeddings().weight.shape[0]
         for length in (int(x) for x in args.lengths.split(",")):
-            traj = long_trajectory(length, vocab)
-            make = stream_step if mode == "stream" else dense_step
-            r = measure(make(model, traj), model)
-            rows.append({"mode": mode, "L": traj.prompt_ids.numel() + traj.stream_ids.numel(),
-                         "erased_tokens": int((traj.erased_at >= 0).sum()), **r})
+            proc = subprocess.run([sys.executable, "-m", "e3rl.bench", "lengths", "--model", args.model,
+                                   "--one", mode, str(length)], capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("E3RL_LENGTH ")]
+            if proc.returncode != 0 or not lines:
+                rows.append({"mode": mode, "L": length, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
+            else:
+                rows.append(json.loads(lines[-1].split(" ", 1)[1]))
             print(rows[-1], flush=True)
-        del model
-        gc.collect()
-    by = {(r["mode"], r["L"]): r for r in rows}
+    by = {(r["mode"], r["L"]): r for r in rows if "error" not in r}
     ratios = {str(L): {"time_dense_over_stream": round(by[("dense", L)]["s"] / by[("stream", L)]["s"], 2),
                        "peak_dense_minus_stream_mb": (round(by[("dense", L)]["peak_mb"] - by[("stream", L)]["peak_mb"], 1)
                                                       if by[("dense", L)]["peak_mb"] is not None else None)}
