@@ -132,6 +132,7 @@ BAD_VALUES = [
     ("learner.betas", ["learner.betas=[0.9, 1.0]"]),
     ("learner.micro_batch_size", ["learner.micro_batch_size=0"]),
     ("learner.micro_batch_tokens", ["learner.micro_batch_tokens=-1"]),
+    ("learner.pack_tokens", ["learner.pack_tokens=-1"]),
     ("learner.zero_stage", ["learner.zero_stage=4"]),
     ("learner.grad_clip", ["learner.grad_clip=0"]),
     ("resources.num_generators", ["resources.num_generators=0"]),
