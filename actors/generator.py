@@ -21,6 +21,7 @@ from actors.sampling import sample
 from e3rl.config import Config, GenConfig, HealConfig
 from e3rl.core.surprisal import token_logprobs
 from e3rl.core.threshold import UncertaintyHistory
+from e3rl.models import eos_token_ids
 
 
 @dataclass
@@ -68,11 +69,7 @@ class RewindableGenerator:
         return cls(model, tokenizer, cfg.gen, cfg.heal, cfg.heal_active, seed, stream_cap=cfg.stream_cap)
 
     def _default_eos(self) -> list:
-        ids = set()
-        for src in (getattr(self.model, "generation_config", None), self.tokenizer):
-            e = getattr(src, "eos_token_id", None)
-            ids.update(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
-        return sorted(ids)
+        return eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
 
     # ------------------------------------------------------------ public API
     def load_weights(self, state_dict: dict, version: int) -> None:

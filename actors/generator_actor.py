@@ -21,7 +21,8 @@ import ray
 import torch
 
 from actors.generator import RewindableGenerator
-from actors.rollout_stats import ACCEPTED_KEY, OUTCOMES_KEY, accepted_uncertainties, group_outcomes, rollout_stats
+from actors.rollout_stats import (ACCEPTED_KEY, OUTCOMES_KEY, accepted_uncertainties, engine_stats, group_outcomes,
+                                  rollout_stats)
 from e3rl.config import Config
 from e3rl.core.shaping import overlong_penalty
 from e3rl.core.threshold import UncertaintyHistory
@@ -52,15 +53,29 @@ def score(trajs: Sequence[Trajectory], problems: Sequence[Problem], group_size: 
     return out
 
 
+def build_generator(cfg: Config, seed: int, threads: Optional[int] = None):
+    """The rollout engine `gen.backend` names, on the run's model: the HF decode loop
+    (`RewindableGenerator`) or a vLLM engine (`VllmGenerator`). Both expose `generate`,
+    `load_weights`, `rng`, `history`, `gen`, `heal_active`, `policy_version` and `stats`."""
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.gen.backend == "vllm":
+        from actors.vllm_engine import check_vllm_installed
+        from actors.vllm_generator import VllmGenerator
+
+        check_vllm_installed(cfg.gen)
+        return VllmGenerator.from_config(cfg, tokenizer, seed, threads)
+    model = load_model(cfg.model, device=resolve_device(cfg.model.device), seed=cfg.run.seed)
+    return RewindableGenerator.from_config(model, tokenizer, cfg, seed)
+
+
 class GeneratorWorker:
     """Owns one model (GPU-resident when there is one) and its rewindable generator."""
 
     def __init__(self, cfg: Config, seed: int = 0, threads_share: int = 1):
-        torch.set_num_threads(actor_threads(cfg.resources.torch_threads, share=threads_share))
+        threads = actor_threads(cfg.resources.torch_threads, share=threads_share)
+        torch.set_num_threads(threads)
         self.cfg = cfg
-        device = resolve_device(cfg.model.device)
-        model = load_model(cfg.model, device=device, seed=cfg.run.seed)
-        self.generator = RewindableGenerator.from_config(model, load_tokenizer(cfg.model), cfg, seed)
+        self.generator = build_generator(cfg, seed, threads)
         self.scorer = Scorer(cfg.reward)  # worker processes, reused across steps
         self.batches = 0
         self._fault_rng = random.Random(seed)
@@ -113,8 +128,7 @@ class GeneratorWorker:
         if problems:
             scored = score(trajs, problems, len(trajs) // max(len(prompts), 1), self.scorer, g.gen.max_new_tokens)
         self.batches += 1
-        peak = g.stats.get("peak_cache_bytes", 0)
-        stats = rollout_stats(trajs, seconds, peak) | scored
+        stats = rollout_stats(trajs, seconds, g.stats.get("peak_cache_bytes", 0)) | engine_stats(g.stats) | scored
         return trajs, stats | {ACCEPTED_KEY: accepted_uncertainties(trajs),
                                OUTCOMES_KEY: group_outcomes(trajs) if problems else []}
 

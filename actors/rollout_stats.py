@@ -14,7 +14,9 @@ from e3rl.core.trajectory import Trajectory
 MEAN_COUNTS = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
                 "e3rl/threshold_mean": "e3rl/segments_judged"}
 _SUMMED = ("gen/samples", "gen/tokens_produced", "gen/tokens_kept", "gen/forward_tokens", "e3rl/compactions",
-           "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged", "reward/timeouts", "reward/errors")
+           "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged", "reward/timeouts", "reward/errors",
+           "gen/rewind_requests", "gen/rewind_recomputed_tokens", "gen/prefix_tokens", "gen/prefix_cached_tokens",
+           "gen/engine_requests")
 _MAXED = ("gen/seconds", "gen/peak_kv_bytes")
 
 
@@ -61,6 +63,30 @@ def rollout_stats(trajs: Sequence[Trajectory], seconds: float, peak_kv_bytes: in
     return out | segment_stats(trajs)
 
 
+ENGINE_KEYS = {"requests": "gen/engine_requests", "rewind_requests": "gen/rewind_requests",
+               "rewind_recomputed_tokens": "gen/rewind_recomputed_tokens", "prefix_tokens": "gen/prefix_tokens",
+               "cached_tokens": "gen/prefix_cached_tokens"}
+"""A round-based engine's (vLLM's) counters, as summed metrics."""
+
+
+def engine_stats(counters: dict) -> dict[str, float]:
+    """The engine's prefix-cache counters as metrics, with the ratios derived from them."""
+    out = {m: float(counters[k]) for k, m in ENGINE_KEYS.items() if k in counters}
+    return out | _engine_ratios(out)
+
+
+def _engine_ratios(s: dict[str, float]) -> dict[str, float]:
+    """`gen/recomputed_tokens_per_rewind`: prompt tokens a request that resubmits an erased
+    segment's prefix did not find in the prefix cache (below one KV block when rewinds are free);
+    `gen/prefix_cache_hit`: the fraction of all resubmitted prompt tokens served from the cache."""
+    out = {}
+    if s.get("gen/rewind_requests"):
+        out["gen/recomputed_tokens_per_rewind"] = s["gen/rewind_recomputed_tokens"] / s["gen/rewind_requests"]
+    if s.get("gen/prefix_tokens"):
+        out["gen/prefix_cache_hit"] = s["gen/prefix_cached_tokens"] / s["gen/prefix_tokens"]
+    return out
+
+
 def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     """Combine per-shard stats: counts add, peaks and seconds take the max (parallel), means are
     weighted by samples (or by their own segment count)."""
@@ -78,7 +104,7 @@ def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
             out[key] = sum(p.get(key, 0.0) * p.get("gen/samples", 0.0) for p in parts) / total
     if parts:
         out["gen/tokens_per_s"] = out["gen/tokens_produced"] / max(out["gen/seconds"], 1e-9)
-    return out
+    return out | _engine_ratios(out)
 
 
 def merge_rounds(rounds: Sequence[dict[str, float]]) -> dict[str, float]:

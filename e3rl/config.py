@@ -106,7 +106,31 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class VllmConfig:
+    """The vLLM engine a generator drives when `gen.backend: vllm` (one engine per generator actor)."""
+
+    block_size: int = 0
+    """KV-cache block size in tokens; 0 = 16 on GPU, 32 on CPU. Only whole blocks of a prefix are
+    reused after a rewind, so keep it small next to `heal.segment_tokens`."""
+    memory_fraction: float = 0.85
+    """GPU: fraction of the GPU's memory the engine takes (weights + KV cache; vLLM's
+    `gpu_memory_utilization`). Ignored on CPU, where `kv_cache_gib` sizes the cache."""
+    kv_cache_gib: float = 0.0
+    """KV-cache size in GiB; 0 = from `memory_fraction` on GPU, 1 GiB on CPU."""
+    cuda_graphs: bool = True
+    """GPU: capture CUDA graphs for decode (vLLM's default; `false` = eager, faster start-up).
+    CPU always runs eager."""
+    max_num_seqs: int = 0
+    """Sequences the engine schedules at once; 0 = vLLM's default (256)."""
+
+
+@dataclass(frozen=True)
 class GenConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    """Rollout engine: `hf` (our transformers decode loop: rewinds free in its KV cache) or `vllm`
+    (a vLLM engine driven in segment rounds: rewinds reuse its prefix cache). Both heal alike."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """vLLM engine settings (used with `backend: vllm`)."""
     group_size: int = 8
     """G: samples per prompt; advantages and thresholds are computed within a group."""
     max_new_tokens: int = 32
@@ -212,6 +236,11 @@ class AlgoConfig:
     """Passes over each rollout batch (verl `ppo_epochs`, OpenRLHF `max_epochs`, TRL `num_iterations`).
     With more than one optimizer step per batch, old log-probs and advantages come from a no-grad
     pass before the first step and stay frozen, so the ratio moves off 1 and the clip acts."""
+    behaviour_logp: Literal["generator", "recompute"] = "generator"
+    """Behaviour log-probs (pi_gen, for `tis_cap` and `learner/logp_diff_mean`): the generator's own,
+    or the learner's recompute (then pi_gen = pi_old: no correction). The generator's are those of
+    the sampling distribution, except on the vLLM backend with `heal.surprisal_under: policy` and a
+    temperature other than 0 or 1, where vLLM returns the T = 1 log-probs: that needs `recompute`."""
     tis_cap: float = 0.0
     """Truncated importance sampling: weight each token's loss by min(pi_old / pi_gen, tis_cap),
     correcting for a generator whose numerics (or weights) differ from the learner's. 0 = off."""
@@ -439,6 +468,17 @@ def _validate(c: Config) -> None:
     _check(g.temperature >= 0, "gen.temperature", f"must be >= 0, got {g.temperature}", "0 = greedy, 1 = plain sampling")
     _check(0 < g.top_p <= 1, "gen.top_p", f"must be in (0, 1], got {g.top_p}", "1 disables nucleus sampling")
     _check(g.top_k >= 0, "gen.top_k", f"must be >= 0, got {g.top_k}", "0 disables it")
+    v = g.vllm
+    _check(v.block_size >= 0, "gen.vllm.block_size", f"must be >= 0, got {v.block_size}", "0 = 16 on GPU, 32 on CPU")
+    _check(0 < v.memory_fraction <= 1, "gen.vllm.memory_fraction", f"must be in (0, 1], got {v.memory_fraction}",
+           "e.g. 0.85 when the GPU holds only the engine")
+    _check(v.kv_cache_gib >= 0, "gen.vllm.kv_cache_gib", f"must be >= 0, got {v.kv_cache_gib}", "0 = automatic")
+    _check(v.max_num_seqs >= 0, "gen.vllm.max_num_seqs", f"must be >= 0, got {v.max_num_seqs}", "0 = vLLM's default")
+    _check(not (g.backend == "vllm" and c.algo.behaviour_logp == "generator" and c.heal.surprisal_under == "policy"
+                and g.temperature not in (0.0, 1.0)), "algo.behaviour_logp",
+           f"vLLM returns one log-prob per token: with heal.surprisal_under=policy and gen.temperature={g.temperature} "
+           "it is the T = 1 policy's, not the sampling distribution's",
+           "set algo.behaviour_logp=recompute (the learner's log-probs stand in) or heal.surprisal_under=sampling")
     _check(g.rows_per_forward >= 0, "gen.rows_per_forward", f"must be >= 0, got {g.rows_per_forward}",
            "0 = all rows of the shard")
     _check(all(isinstance(s, str) and s for s in g.stop), "gen.stop", "stop strings must be non-empty strings",

@@ -105,12 +105,13 @@ def run_eval(cfg: Config, specs: Sequence[str], k: int, heal: str, size: Optiona
     import ray
 
     from actors.generator_group import GeneratorGroup
-    from e3rl.models import load_tokenizer, materialize_builtin
+    from e3rl.models import load_tokenizer, materialize_builtin, prepare_backend
     from e3rl.ray_setup import connect
 
     _check_model(cfg)
     if cfg.model.path.startswith("builtin:"):
         materialize_builtin(cfg.model.path)  # once, before actors race to convert it
+    prepare_backend(cfg)
     tokenizer = load_tokenizer(cfg.model)
     sets = load_sets(cfg, specs, cfg.data.eval_size if size is None else size, tokenizer)
     own_ray = not ray.is_initialized()

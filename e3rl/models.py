@@ -229,6 +229,66 @@ def load_model(m: ModelConfig, device: torch.device | None = None, dtype: torch.
     return model.to(device=device, dtype=dtype).eval()
 
 
+def hf_model_dir(m: ModelConfig, seed: int = 0) -> Path:
+    """A directory of HF config + safetensors holding exactly the weights `load_model` builds: what
+    an engine that loads from disk (vLLM) needs. A local HF dir is used as it is; the builtin's
+    cached conversion likewise; a random-init model or a GGUF file is saved once under the cache,
+    keyed by its config and seed, so every backend starts from the same weights."""
+    if m.path.startswith("builtin:"):
+        return materialize_builtin(m.path)
+    if m.path != "random" and not m.gguf_file:
+        check_model(m)
+        return _model_dir(m.path)
+    import hashlib
+    import json
+
+    key = json.dumps({"path": m.path, "gguf_file": m.gguf_file, "random_init": m.random_init, "init_std": m.init_std,
+                      "seed": seed if m.path == "random" else 0}, sort_keys=True)
+    out = cache_root() / "hf-dirs" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (out / "config.json").is_file():
+        return out
+    model = load_model(m, device=torch.device("cpu"), dtype=torch.float32, seed=seed)
+    return _atomic_dir(out, model.save_pretrained)
+
+
+def prepare_backend(cfg: Any) -> None:
+    """Driver-side, before any generator starts: `gen.backend: vllm` needs vLLM installed and an HF
+    dir of the initial weights (written once here, not raced for by the actors)."""
+    if cfg.gen.backend != "vllm":
+        return
+    from actors.vllm_engine import check_vllm_installed
+
+    check_vllm_installed(cfg.gen)
+    hf_model_dir(cfg.model, cfg.run.seed)
+
+
+def eos_token_ids(tokenizer, generation_config: Any = None) -> list:
+    """Every id that ends a response: the model's generation config's and the tokenizer's."""
+    ids = set()
+    for src in (generation_config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        ids.update(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
+    return sorted(ids)
+
+
+def saved_generation_config(model_dir: Path) -> Any:
+    """The dir's generation_config.json, or None."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return None
+
+
+def model_max_length(model_dir: Path, trust_remote_code: bool = False) -> int:
+    """The longest sequence the model's positions cover (0 if its config does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
 def actor_threads(torch_threads: int, share: int = 1) -> int:
     """Intra-op threads for an actor process: the configured number, else this node's cores split
     among the `share` actors of its role on this node, which compute at the same time (the groups

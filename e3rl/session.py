@@ -20,7 +20,7 @@ from e3rl.data import encode_prompts, load_workload
 from e3rl.evaluation import EvalSet, evaluate, headline
 from e3rl.loop import Hooks, LoopState, Roles, train
 from e3rl.metrics import MetricsLogger, read_metrics
-from e3rl.models import check_model, load_tokenizer, materialize_builtin
+from e3rl.models import check_model, load_tokenizer, materialize_builtin, prepare_backend
 from e3rl.prompts import PromptStream
 from e3rl.rewards import check_reward_fn
 from e3rl.traces import write_trace
@@ -60,6 +60,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     if cfg.model.path.startswith("builtin:"):
         materialize_builtin(cfg.model.path)  # once, before actors race to convert it
     check_model(cfg.model)
+    prepare_backend(cfg)
     check_reward_fn(cfg.reward.fn)
     tokenizer = load_tokenizer(cfg.model)
     work = load_workload(cfg, tokenizer)

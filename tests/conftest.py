@@ -16,6 +16,10 @@ TINY = {
     "qwen3": dict(model_type="qwen3", vocab_size=49152, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   max_position_embeddings=1024, tie_word_embeddings=True),
+    # vLLM's CPU attention needs head_dim 64 or more: the model both backends run in the vLLM tests
+    "qwen3_hd64": dict(model_type="qwen3", vocab_size=49152, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                       max_position_embeddings=1024, tie_word_embeddings=True),
     "qwen2": dict(model_type="qwen2", vocab_size=49152, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=1024, tie_word_embeddings=True),
@@ -44,6 +48,32 @@ def tiny_model():
     from e3rl.models import load_model
 
     return load_model(tiny_model_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_model():
+    """The HF model the vLLM tests compare against (fp32, the same weights the engine loads)."""
+    from e3rl.models import load_model
+
+    return load_model(tiny_model_config("qwen3_hd64"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """One in-process vLLM engine on `vllm_model`'s weights for the whole run (start-up and the first
+    batch cost seconds). Tests that change its weights restore them. Where vLLM is not installed
+    this fails, never skips: CI must test both backends."""
+    import torch
+
+    from actors.vllm_engine import VllmEngine
+    from e3rl.config import VllmConfig
+    from e3rl.models import hf_model_dir
+
+    before = torch.get_num_threads()
+    engine = VllmEngine(hf_model_dir(tiny_model_config("qwen3_hd64"), seed=0), torch.float32, torch.device("cpu"),
+                        VllmConfig(kv_cache_gib=0.25), max_model_len=1024, logprobs_mode="processed_logprobs",
+                        threads=before)
+    return engine
 
 
 @pytest.fixture(scope="session")
