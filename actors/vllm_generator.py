@@ -76,7 +76,7 @@ class VllmGenerator:
     # ------------------------------------------------------------ public API
     def load_weights(self, state_dict: dict, version: int) -> None:
         """Load HF-named weights into the engine in place (tied weights may be absent) and reset its prefix cache."""
-        self.engine.load_weights(state_dict.items())
+        self.engine.load_weights(state_dict)
         self.policy_version = version
 
     @torch.inference_mode()

@@ -1,8 +1,8 @@
 """The healing policy on its own: budgets, forced erasures, adversarial surprisal, trajectory invariants.
 
 The behavioural tests run against every backend (`backend` fixture): a scripted engine that feeds
-the policy per-token surprisal with no model, and the HF generator on a tiny model. A new engine
-joins by adding a runner. A model backend cannot be fed scripted surprisal, so each scenario also
+the policy per-token surprisal with no model, the HF generator on a tiny model, and the vLLM
+generator (segment rounds on a real in-process engine). A new engine joins by adding a runner. A model backend cannot be fed scripted surprisal, so each scenario also
 fixes the threshold so that any positive surprisal gets the same decision.
 """
 from __future__ import annotations
@@ -84,10 +84,23 @@ def run_hf(model, tokenizer, gen, heal, history=UncertaintyHistory(), force_eras
     return g.generate([tokenizer.encode(t) for t in texts], list(range(groups)))
 
 
-@pytest.fixture(params=["scripted", "hf"])
+def run_vllm(engine, tokenizer, gen, heal, history=UncertaintyHistory(), force_erase=None, surprisal=None,
+             groups: int = 2) -> list:
+    """`surprisal` is the model's own here, as for HF."""
+    from actors.vllm_generator import VllmGenerator
+
+    g = VllmGenerator(engine, tokenizer, gen, heal, heal_active=True, seed=0, eos=())
+    g.history, g.force_erase = history, force_erase
+    texts = ["Hello there, how are you today?", "1+1=", "The quick brown fox"][:groups]
+    return g.generate([tokenizer.encode(t) for t in texts], list(range(groups)))
+
+
+@pytest.fixture(params=["scripted", "hf", "vllm"])
 def backend(request):
     if request.param == "scripted":
         return run_scripted
+    if request.param == "vllm":
+        return partial(run_vllm, request.getfixturevalue("vllm_engine"), request.getfixturevalue("tokenizer"))
     return partial(run_hf, request.getfixturevalue("tiny_model"), request.getfixturevalue("tokenizer"))
 
 

@@ -1,11 +1,12 @@
 """End to end: `python -m e3rl.run configs/tiny.yaml ...` in a subprocess, and what the run dir holds.
 
-Two runs, started together to share the wall clock (each is mostly Ray/actor start-up):
+Three runs, started together to share the wall clock (each is mostly Ray/actor start-up):
 - E3RL with self-healing forced aggressive (threshold_k=0, no history, no erase penalty) and a
   reward with in-group variance (`length_reward` below: the tiny random model never solves a task,
   so the default reward is all 0, every advantage 0 and training would not move a weight);
 - plain GRPO (`algo.e3rl=false`): no rewinds, uniform allocation, the learner in bf16 mixed precision
-  (the E3RL run keeps fp32, so its generator and learner log-probs must agree exactly).
+  (the E3RL run keeps fp32, so its generator and learner log-probs must agree exactly);
+- E3RL as the first, on the vLLM backend (`gen.backend=vllm`), fp32 on both sides.
 Each subprocess gets its own embedded Ray (RAY_AUTH_MODE=disabled, RAY_ADDRESS unset).
 """
 from __future__ import annotations
@@ -68,10 +69,14 @@ def runs(tmp_path_factory):
                            "heal.threshold_k=0", "heal.history_weight=0", "heal.penalty_scale=0",
                            "learner.dtype=float32")  # fp32 like the generator: log-probs must agree exactly
     grpo, grpo_log = start_run(base / "grpo", "run.steps=2", "algo.e3rl=false", "learner.dtype=bfloat16")
+    vllm, vllm_log = start_run(base / "vllm", "run.steps=2", "gen.backend=vllm", "gen.vllm.kv_cache_gib=0.25",
+                               f"reward.fn={REWARD_FN}", "heal.threshold_k=0", "heal.history_weight=0",
+                               "heal.penalty_scale=0", "learner.dtype=float32")
     finish(e3, e3_log)
     finish(grpo, grpo_log)
-    print(f"two tiny runs in {time.time() - t0:.0f} s")
-    return {"e3rl": base / "e3rl", "grpo": base / "grpo", "e3rl_log": e3_log}
+    finish(vllm, vllm_log)
+    print(f"three tiny runs in {time.time() - t0:.0f} s")
+    return {"e3rl": base / "e3rl", "grpo": base / "grpo", "vllm": base / "vllm", "e3rl_log": e3_log}
 
 
 def test_summary_and_metrics(runs):
@@ -200,4 +205,20 @@ def test_grpo_baseline_switch(runs):
     assert all(0 < r["learner/logp_diff_mean"] < 0.05 for r in rows)
     assert [r["sync/policy_version"] for r in rows] == [1.0, 2.0]
     assert s["eval_before"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0
+    assert s["eval_after"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0
+
+
+def test_vllm_backend_heals_and_takes_the_learners_weights(runs):
+    """The whole loop on vLLM: rewinds happen and reuse the prefix cache; after each weight sync the
+    engine's log-probs are the fp32 learner's (a head or layer left unloaded would show here)."""
+    out = runs["vllm"]
+    s = json.loads((out / "summary.json").read_text())
+    rows = step_rows(out)
+    assert [r["sync/policy_version"] for r in rows] == [1.0, 2.0]
+    for r in rows:
+        assert r["e3rl/rewinds_per_sample"] > 0 and r["gen/rewind_requests"] > 0
+        assert r["gen/recomputed_tokens_per_rewind"] < 32  # below one KV block (gen.vllm.block_size: 32 on CPU)
+        assert r["gen/prefix_cache_hit"] > 0.5
+        assert r["learner/logp_diff_mean"] < 1e-3, r["learner/logp_diff_mean"]
+    assert s["eval_after"]["eval_healed/gym:chain_sum/rewinds_per_sample"] > 0.0
     assert s["eval_after"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0

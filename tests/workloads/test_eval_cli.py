@@ -83,6 +83,18 @@ def test_heal_on_rewinds_and_heal_off_does_not(both):
         assert res["results"]["off"][bench]["rewinds_per_sample"] == 0
 
 
+def test_heal_both_runs_on_the_vllm_backend(ray_session, fixtures_dir, tmp_path):
+    path = tmp_path / "res.json"
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--data", "gym:chain_sum", "--size", "2", "--k", str(K),
+            "--heal", "both", "--out", str(path), "gen.backend=vllm", "gen.vllm.kv_cache_gib=0.25", *AGGRESSIVE]
+    rc, _, stderr = _run(argv)
+    assert rc == 0, stderr
+    res = json.loads(path.read_text())["results"]
+    assert res["on"]["gym:chain_sum"]["rewinds_per_sample"] > 0
+    assert res["off"]["gym:chain_sum"]["rewinds_per_sample"] == 0
+    assert res["on"]["gym:chain_sum"]["samples"] == res["off"]["gym:chain_sum"]["samples"] == 2 * K
+
+
 def test_model_dir_uses_its_tokenizer_and_the_runs_config(tmp_path):
     from e3rl.config import load_config, save_config
     from e3rl.eval import build_config, parse_args
