@@ -85,13 +85,7 @@ class VllmEngine:
     def generate(self, requests: Sequence[Request], temperature: float, top_k: int, top_p: float,
                  stop_token_ids: Iterable[int]) -> list:
         """Run the requests as one batch. -> [Completion], in order."""
-        from vllm import SamplingParams
-
-        stop = sorted(stop_token_ids)
-        params = [SamplingParams(max_tokens=r.max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=r.seed, logprobs=0, detokenize=False, stop_token_ids=stop,
-                                 skip_special_tokens=False)
-                  for r in requests]
+        params = self.sampling_params(requests, temperature, top_k, top_p, stop_token_ids)
         outs = self.llm.generate([{"prompt_token_ids": r.prompt} for r in requests], params, use_tqdm=False)
         done = []
         for r, o in zip(requests, outs):
@@ -99,6 +93,20 @@ class VllmEngine:
             lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
             done.append(Completion(list(c.token_ids), lps, int(o.num_cached_tokens or 0), len(r.prompt)))
         return done
+
+    @staticmethod
+    def sampling_params(requests: Sequence[Request], temperature: float, top_k: int, top_p: float,
+                        stop_token_ids: Iterable[int]) -> list:
+        """One `SamplingParams` per request. Only our stop ids end a request: vLLM would otherwise also
+        stop at the EOS of the model's generation config (`ignore_eos` turns that off, not our ids),
+        and a row the policy has not finished would pay a new prefill for nothing."""
+        from vllm import SamplingParams
+
+        stop = sorted(stop_token_ids)
+        return [SamplingParams(max_tokens=r.max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=r.seed, logprobs=0, detokenize=False, stop_token_ids=stop, ignore_eos=True,
+                               skip_special_tokens=False)
+                for r in requests]
 
     def load_weights(self, state_dict: dict) -> None:
         """Load an HF state dict in place, then drop every cached block: none computed under the old

@@ -11,7 +11,8 @@ pi_old: with one optimizer step per batch it is the training forward's own log-p
 ratio is exactly 1; a separate pass would compute the same numbers). With several, a no-grad pass
 before the first step computes pi_old and the token advantages once (`_freeze`); both stay frozen
 across mini-batches and epochs, so the ratio moves off 1 and the clip acts. The generator's
-log-probs (pi_gen) enter only through truncated importance sampling (`algo.tis_cap`).
+log-probs (pi_gen) enter only through truncated importance sampling (`algo.tis_cap`); with
+`algo.behaviour_logp: recompute` pi_old stands in for them (an engine that returns other log-probs).
 
 Loss scale: micro-batch losses use GLOBAL denominators (all trained tokens / sequences of the
 mini-batch), so their sum over micro-batches and ranks is the mini-batch loss. We call
@@ -35,7 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from e3rl.config import Config
-from e3rl.core.loss import LOSSES, LossInputs, LossSettings, truncated_is_weight
+from e3rl.core.loss import LOSSES, LossInputs, LossSettings, behaviour_logprobs, truncated_is_weight
 from e3rl.core.trajectory import Trajectory
 from e3rl.models import load_model, load_tokenizer, resolve_device
 from learner import checkpoint as ckpt
@@ -263,7 +264,8 @@ class LearnerWorker:
             adv_rows = [frozen[j][1] for j in idx] if idx else [torch.zeros(0)]
         adv = pad_tokens(adv_rows, width).to(self.device)  # [B, S]
         cap = self.cfg.algo.tis_cap
-        is_weight = truncated_is_weight(old, batch.behavior_logp, cap, batch.mask) if cap else None
+        behaviour = behaviour_logprobs(self.cfg.algo.behaviour_logp, old, batch.behavior_logp)
+        is_weight = truncated_is_weight(old, behaviour, cap, batch.mask) if cap else None
         ref_logp = None
         if self.ref_engine is not None:
             with torch.no_grad():
@@ -279,7 +281,7 @@ class LearnerWorker:
         self._times["backward_s"] += time.perf_counter() - t1
         n = float(batch.mask.sum())
         real = float(batch.row_len.sum()) if idx else 0.0  # tokens forwarded: a dummy's are all padding
-        diff = (old - batch.behavior_logp).abs() * batch.mask  # learner (pi_old) vs generator numerics
+        diff = (old - behaviour).abs() * batch.mask  # learner (pi_old) vs generator numerics
         w = is_weight if is_weight is not None else batch.mask
         return StepSums(
             loss=float(loss.detach()) if finite else 0.0, clip_tokens=m["clip_frac"] * n, approx_kl=m["approx_kl"] * n,

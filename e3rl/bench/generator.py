@@ -1,4 +1,5 @@
 """`python -m e3rl.bench generator --out FILE.json`: our decode loop against HF `generate`, and E3RL costs.
+(`--backend vllm`: the vLLM backend against both, `e3rl/bench/generator_vllm.py`.)
 
 Same model, batch and settings for both (Qwen3-like random model: hidden 256, 4 layers, vocab 32k;
 batch 8, 64-token prompts, greedy, EOS ignored). Runs are interleaved and the best of each kept
@@ -132,18 +133,34 @@ def main(argv: list) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 by default: 2 threads on a shared 2-core CPU swing 5x with others' load")
     ap.add_argument("--speed-budget-s", type=float, default=60.0, help="no new HF/ours pair after this")
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                    help="vllm: the vLLM backend vs HF generate and the HF backend, same model and batch")
+    ap.add_argument("--model", choices=["small", "smollm2"], default="small",
+                    help="small: a random Qwen3-like model (hidden 256, 4 layers); smollm2: SmolLM2-135M-Instruct")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    mc = ModelConfig(path="random", random_init=QWEN3_SMALL, init_std=0.05, tokenizer="builtin:smollm2-135m-instruct",
-                     device="cpu", dtype="float32")
+    if args.model == "smollm2":
+        mc = ModelConfig(device="cpu", dtype="float32")
+    else:
+        mc = ModelConfig(path="random", random_init=QWEN3_SMALL, init_std=0.05,
+                         tokenizer="builtin:smollm2-135m-instruct", device="cpu", dtype="float32")
     model, tok = load_model(mc, seed=0), load_tokenizer(mc)
     prompts = torch.randint(100, 32000, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    result = {"model": {k: v for k, v in QWEN3_SMALL.items()}, "torch_threads": torch.get_num_threads()}
-    sections = {"speed": lambda: bench_speed(model, tok, prompts, args.new_tokens, args.reps, args.speed_budget_s),
-                "heal": lambda: bench_heal(model, tok, prompts, args.new_tokens, args.segment_tokens),
-                "rewind": lambda: bench_rewind(model, prompts, args.new_tokens)}
+    result = {"model": mc.path if args.model == "smollm2" else dict(QWEN3_SMALL), "backend": args.backend,
+              "torch_threads": torch.get_num_threads()}
+    if args.backend == "vllm":
+        from e3rl.bench import generator_vllm as gv
+
+        engine = gv.build_engine(mc, args.prompt_tokens + 2 * args.new_tokens + 8, args.threads)
+        sections = {"speed": lambda: gv.bench_speed(engine, model, tok, prompts, args.new_tokens, args.reps,
+                                                    args.speed_budget_s),
+                    "heal": lambda: gv.bench_heal(engine, model, tok, prompts, args.new_tokens, args.segment_tokens)}
+    else:
+        sections = {"speed": lambda: bench_speed(model, tok, prompts, args.new_tokens, args.reps, args.speed_budget_s),
+                    "heal": lambda: bench_heal(model, tok, prompts, args.new_tokens, args.segment_tokens),
+                    "rewind": lambda: bench_rewind(model, prompts, args.new_tokens)}
     for name, fn in sections.items():
         wall, _, result[name] = _timed(fn)
         result[name]["section_s"] = wall

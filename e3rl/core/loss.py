@@ -70,6 +70,17 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, s: LossSettings) -> torch.Ten
     return per_seq.sum() / seqs
 
 
+def behaviour_logprobs(mode: str, old_logp: torch.Tensor, gen_logp: torch.Tensor) -> torch.Tensor:
+    """pi_gen, the behaviour log-probs TIS corrects against: the generator's own (`generator`), or
+    the learner's recompute (`recompute`: pi_gen = pi_old, TIS weights are 1 and no correction is
+    made). `recompute` is for engines whose log-probs are not the sampling distribution's."""
+    if mode == "generator":
+        return gen_logp
+    if mode == "recompute":
+        return old_logp.detach()
+    raise ValueError(f"behaviour log-probs: unknown mode {mode!r} (generator | recompute)")
+
+
 def truncated_is_weight(old_logp: torch.Tensor, gen_logp: torch.Tensor, cap: float, mask: torch.Tensor) -> torch.Tensor:
     """TIS weights min(pi_old / pi_gen, cap) [B, T] in float32, 0 on masked-out tokens, detached.
 

@@ -156,3 +156,13 @@ def test_weights_load_in_place_and_no_old_block_is_reused(vllm_engine, vllm_mode
     finally:
         g.load_weights(original, version=0)
         vllm_model.load_state_dict(original)
+
+
+def test_only_the_policys_stop_ids_end_a_request():
+    """vLLM would also stop at its generation config's EOS; a row the policy has not finished would
+    then pay a new round (and prefill) for nothing, so that stop is off and ours are explicit."""
+    from actors.vllm_engine import Request, VllmEngine
+
+    (p,) = VllmEngine.sampling_params([Request([1, 2], 5, 7)], 1.0, 0, 1.0, {9, 3})
+    assert p.ignore_eos and sorted(p.stop_token_ids) == [3, 9] and p.seed == 7 and p.max_tokens == 5
+    assert p.logprobs == 0 and not p.detokenize

@@ -69,3 +69,19 @@ def test_sapo_far_off_policy_is_finite_with_no_gradient():
     loss, m = LOSSES["sapo"](x, LossSettings())
     loss.backward()
     assert torch.isfinite(loss) and x.logp.grad[0, 0] == 0.0 and m["clip_frac"] == pytest.approx(0.5)
+
+
+def test_behaviour_logprobs_recompute_makes_tis_a_no_op():
+    """`recompute`: pi_gen = pi_old (detached), so TIS weights are exactly 1 on trained tokens;
+    `generator`: the engine's numbers pass through untouched."""
+    from e3rl.core.loss import behaviour_logprobs, truncated_is_weight
+
+    old = torch.randn(2, 5, requires_grad=True)
+    gen = old.detach() + 0.3 * torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    assert torch.equal(behaviour_logprobs("generator", old, gen), gen)
+    same = behaviour_logprobs("recompute", old, gen)
+    assert not same.requires_grad and torch.equal(truncated_is_weight(old, same, 2.0, mask), mask)
+    assert not torch.equal(truncated_is_weight(old, gen, 2.0, mask), mask)
+    with pytest.raises(ValueError, match="generator | recompute"):
+        behaviour_logprobs("engine", old, gen)
