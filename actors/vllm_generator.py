@@ -87,7 +87,7 @@ class VllmGenerator:
                                self.text, self.force_erase)
         rows = policy.rows(prompts, group_ids, prompt_uids)
         self.stats = {"rounds": 0, "requests": 0, "rewind_requests": 0, "rewind_recomputed_tokens": 0,
-                      "prefix_tokens": 0, "cached_tokens": 0}
+                      "rewind_recomputed_max": 0, "rewind_cached_min": -1, "prefix_tokens": 0, "cached_tokens": 0}
         rewound: set = set()  # rows whose next request resubmits an erased segment's prefix
         live = rows
         while live:
@@ -103,11 +103,14 @@ class VllmGenerator:
         return torch.randint(0, SEED_RANGE, (n,), generator=self.rng).tolist()
 
     def _request(self, r: Row, seed: int) -> Request:
-        """The row's prompt and kept stream, to the open segment's boundary (or its end when not healing)."""
+        """The row's prompt and kept stream, to one token past the open segment's boundary (or to its
+        end when not healing). The extra token is the next segment's first: kept if the segment is,
+        and then the next request's prefix ends one token into a new KV block instead of at a block
+        boundary, where vLLM (which must compute a prompt's last token) would recompute a whole block."""
         budget = min(self.gen.max_new_tokens - r.stream.kept, self.stream_cap - len(r.stream))
         if self.heal_active:
             seg = self.heal.segment_tokens if self.heal.segment_mode == "fixed" else self.heal.max_segment_tokens
-            budget = min(budget, seg - r.open.segmenter.open_len)
+            budget = min(budget, seg - r.open.segmenter.open_len + 1)
         return Request(r.prompt + r.stream.kept_ids(), max(budget, 1), seed)
 
     def _push(self, policy: HealingPolicy, live: list, done: list) -> set:
@@ -145,6 +148,9 @@ class VllmGenerator:
             if id(r) in rewound:
                 st["rewind_requests"] += 1
                 st["rewind_recomputed_tokens"] += recomputed
+                st["rewind_recomputed_max"] = max(st["rewind_recomputed_max"], recomputed)
+                least = st["rewind_cached_min"]
+                st["rewind_cached_min"] = c.cached_tokens if least < 0 else min(least, c.cached_tokens)
 
 
 def _check_mode(engine: VllmEngine, gen: GenConfig, heal: HealConfig) -> None:

@@ -106,27 +106,22 @@ class Spy:
 
 def test_a_rewind_reuses_the_cached_prefix(vllm_engine, tokenizer):
     """Prompts + streams of >= 4 blocks, segments as long as a block: every request that resubmits an
-    erased segment's prefix finds all of that prefix's blocks but the last partial one in the cache
-    (vLLM always computes at least the prefix's last token, so a block-aligned prefix recomputes one
-    block), and the mean recomputed per rewind stays below one block."""
+    erased segment's prefix finds all of that prefix's blocks but the last in the cache — it
+    recomputes at most one block ((prefix - 1) mod B + 1 tokens: vLLM always computes a prompt's last
+    token, so a block-aligned prefix recomputes its last block) — and under one block on average."""
     bs = vllm_engine.block_size
     gen = GenConfig(group_size=2, max_new_tokens=3 * bs)
     heal = HealConfig(segment_tokens=bs, max_erases_per_segment=2, max_erases_per_traj=4)
-    spy = Spy(vllm_engine)
-    g = VllmGenerator(spy, tokenizer, gen, heal, True, seed=0, eos=())
+    g = VllmGenerator(vllm_engine, tokenizer, gen, heal, True, seed=0, eos=())
     g.force_erase = lambda row, position: (row.sample + position) % 2 == 0
     long = [tokenizer.encode(" ".join([t] * 40))[: 2 * bs + 5 + 9 * i] for i, t in enumerate(TEXTS)]
     trajs = g.generate(long, [0, 1, 2])
-    assert sum(t.rewinds for t in trajs) >= 12
-    seen, rewinds = set(), 0
-    for call in spy.calls:  # one round each
-        for req, done in call:
-            if tuple(req.prompt) in seen:  # a prefix of an earlier round again: a rewind's resubmission
-                rewinds += 1
-                assert done.cached_tokens > 0 and done.cached_tokens >= (len(req.prompt) - 1) // bs * bs
-        seen |= {tuple(req.prompt) for req, _ in call}
-    assert rewinds == g.stats["rewind_requests"] == sum(t.rewinds for t in trajs)
-    assert g.stats["rewind_recomputed_tokens"] / rewinds < bs
+    st = g.stats
+    assert st["rewind_requests"] == sum(t.rewinds for t in trajs) >= 12
+    assert st["rewind_cached_min"] >= 2 * bs and st["rewind_recomputed_max"] <= bs
+    assert st["rewind_recomputed_tokens"] / st["rewind_requests"] < bs
+    # a kept segment's next request ends one token into a new block: it recomputes that token only
+    assert st["cached_tokens"] / st["prefix_tokens"] > 0.8
 
 
 def test_weights_load_in_place_and_no_old_block_is_reused(vllm_engine, vllm_model, tokenizer, prompts):
