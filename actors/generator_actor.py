@@ -27,7 +27,7 @@ from e3rl.config import Config
 from e3rl.core.shaping import overlong_penalty
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.core.trajectory import Trajectory
-from e3rl.models import actor_threads, load_model, load_tokenizer, resolve_device
+from e3rl.models import actor_threads, load_model, load_tokenizer, resolve_backend, resolve_device
 from e3rl.rewards import Scorer, score_stats
 from e3rl.tasks.base import Problem
 
@@ -58,6 +58,7 @@ def build_generator(cfg: Config, seed: int, threads: Optional[int] = None):
     (`RewindableGenerator`) or a vLLM engine (`VllmGenerator`). Both expose `generate`,
     `load_weights`, `rng`, `history`, `gen`, `heal_active`, `policy_version` and `stats`."""
     tokenizer = load_tokenizer(cfg.model)
+    cfg = resolve_backend(cfg)  # the driver resolved `auto` already; a config built elsewhere may not have
     if cfg.gen.backend == "vllm":
         from actors.vllm_engine import check_vllm_installed
         from actors.vllm_generator import VllmGenerator

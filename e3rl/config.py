@@ -126,9 +126,11 @@ class VllmConfig:
 
 @dataclass(frozen=True)
 class GenConfig:
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["auto", "hf", "vllm"] = "auto"
     """Rollout engine: `hf` (our transformers decode loop: rewinds free in its KV cache) or `vllm`
-    (a vLLM engine driven in segment rounds: rewinds reuse its prefix cache). Both heal alike."""
+    (a vLLM engine driven in segment rounds: rewinds reuse its prefix cache). Both heal alike.
+    `auto`: vLLM where it is installed (measured faster on CPU and GPU), else `hf`; the driver
+    resolves it once, before the run dir records the config."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
     """vLLM engine settings (used with `backend: vllm`)."""
     group_size: int = 8

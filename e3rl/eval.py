@@ -105,10 +105,11 @@ def run_eval(cfg: Config, specs: Sequence[str], k: int, heal: str, size: Optiona
     import ray
 
     from actors.generator_group import GeneratorGroup
-    from e3rl.models import load_tokenizer, materialize_builtin, prepare_backend
+    from e3rl.models import load_tokenizer, materialize_builtin, prepare_backend, resolve_backend
     from e3rl.ray_setup import connect
 
     _check_model(cfg)
+    cfg = resolve_backend(cfg)
     if cfg.model.path.startswith("builtin:"):
         materialize_builtin(cfg.model.path)  # once, before actors race to convert it
     prepare_backend(cfg)

@@ -251,6 +251,18 @@ def hf_model_dir(m: ModelConfig, seed: int = 0) -> Path:
     return _atomic_dir(out, model.save_pretrained)
 
 
+def resolve_backend(cfg: Any) -> Any:
+    """The config with `gen.backend: auto` made concrete (vLLM where it is installed, else hf) and
+    validated again (some checks depend on the backend). The driver calls it once, so every
+    generator runs the same engine and a resumed run compares against what actually ran."""
+    if cfg.gen.backend != "auto":
+        return cfg
+    import dataclasses
+
+    backend = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return dataclasses.replace(cfg, gen=dataclasses.replace(cfg.gen, backend=backend)).validate()
+
+
 def prepare_backend(cfg: Any) -> None:
     """Driver-side, before any generator starts: `gen.backend: vllm` needs vLLM installed and an HF
     dir of the initial weights (written once here, not raced for by the actors)."""

@@ -20,7 +20,7 @@ from e3rl.data import encode_prompts, load_workload
 from e3rl.evaluation import EvalSet, evaluate, headline
 from e3rl.loop import Hooks, LoopState, Roles, train
 from e3rl.metrics import MetricsLogger, read_metrics
-from e3rl.models import check_model, load_tokenizer, materialize_builtin, prepare_backend
+from e3rl.models import check_model, load_tokenizer, materialize_builtin, prepare_backend, resolve_backend
 from e3rl.prompts import PromptStream
 from e3rl.rewards import check_reward_fn
 from e3rl.traces import write_trace
@@ -56,6 +56,7 @@ def _resume(cfg: Config, roles: Roles, out: Path, stream: PromptStream) -> LoopS
 
 def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     t_start = time.time()
+    cfg = resolve_backend(cfg)
     rundir.check(cfg)  # every input is validated before the run dir is written (rundir.prepare below)
     if cfg.model.path.startswith("builtin:"):
         materialize_builtin(cfg.model.path)  # once, before actors race to convert it
@@ -165,6 +166,7 @@ def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step:
         "wall_s": wall_s,
         "torch_threads": threads or {},
         "e3rl": cfg.heal_active,
+        "gen_backend": cfg.gen.backend,
         "allocation": cfg.allocation,
         "final_policy": str(out / "policy"),
     }
