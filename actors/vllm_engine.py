@@ -58,7 +58,8 @@ class VllmEngine:
     """An in-process `vllm.LLM` for one generator; `generate` runs requests, `load_weights` swaps weights."""
 
     def __init__(self, model_dir: Path | str, dtype: torch.dtype, device: torch.device, cfg: VllmConfig,
-                 max_model_len: int, logprobs_mode: str, seed: int = 0, threads: Optional[int] = None):
+                 max_model_len: int, logprobs_mode: str, seed: int = 0, threads: Optional[int] = None,
+                 trust_remote_code: bool = False):
         """logprobs_mode: `processed_logprobs` (the sampling distribution: after temperature, top-k,
         top-p) or `raw_logprobs` (the model's own, T = 1). threads: torch threads on CPU (None: leave)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -76,11 +77,22 @@ class VllmEngine:
                        enforce_eager=not (on_gpu and cfg.cuda_graphs), enable_prefix_caching=True,
                        block_size=self.block_size, gpu_memory_utilization=cfg.memory_fraction,
                        max_model_len=max_model_len, skip_tokenizer_init=True, logprobs_mode=logprobs_mode,
-                       **kw)
+                       trust_remote_code=trust_remote_code, **kw)
         torch.set_num_threads = set_threads
         if threads is not None and not on_gpu:
             torch.set_num_threads(threads)
         self.logprobs_mode = logprobs_mode
+        self._warm_up(device)
+
+    def _warm_up(self, device: torch.device) -> None:
+        """One 2-token request now: the first batch is slow (kernels are built), and a model the
+        engine cannot run on this device (e.g. vLLM's CPU attention rejects head_dim < 64) fails
+        here, as one line naming the field, instead of deep inside the first rollout."""
+        try:
+            self.generate([Request([0, 1, 2], 2, 0)], 1.0, 0, 1.0, ())
+        except RuntimeError as e:
+            raise ConfigError(f"gen.backend: vLLM cannot run this model on {device.type} "
+                              f"({str(e).splitlines()[0][:160]}) — use gen.backend=hf") from None
 
     def generate(self, requests: Sequence[Request], temperature: float, top_k: int, top_p: float,
                  stop_token_ids: Iterable[int]) -> list:

@@ -67,9 +67,10 @@ class VllmGenerator:
         d = hf_model_dir(cfg.model, cfg.run.seed)
         device = resolve_device(cfg.model.device)
         length = cfg.data.max_prompt_tokens + cfg.stream_cap
-        limit = model_max_length(d, cfg.model.trust_remote_code)
+        limit = model_max_length(d, cfg.model)
         engine = VllmEngine(d, resolve_dtype(cfg.model.dtype, device), device, cfg.gen.vllm,
-                            min(length, limit) if limit else length, logprobs_mode(cfg.gen, cfg.heal), seed, threads)
+                            min(length, limit) if limit else length, logprobs_mode(cfg.gen, cfg.heal), seed, threads,
+                            trust_remote_code=cfg.model.trust_remote_code)
         return cls(engine, tokenizer, cfg.gen, cfg.heal, cfg.heal_active, seed, stream_cap=cfg.stream_cap,
                    eos=eos_token_ids(tokenizer, saved_generation_config(d)))
 

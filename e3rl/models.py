@@ -293,11 +293,11 @@ def saved_generation_config(model_dir: Path) -> Any:
         return None
 
 
-def model_max_length(model_dir: Path, trust_remote_code: bool = False) -> int:
+def model_max_length(model_dir: Path, m: ModelConfig) -> int:
     """The longest sequence the model's positions cover (0 if its config does not say)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=m.trust_remote_code)
     return int(getattr(config, "max_position_embeddings", 0) or 0)
 
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_actor_loads_versioned_weights_and_matches_plain_class(ray_session, tokenizer):
     from actors.generator_actor import make_generator_actor
 
-    cfg = Config(model=tiny_model_config(), gen=GenConfig(group_size=2, max_new_tokens=10),
+    cfg = Config(model=tiny_model_config(), gen=GenConfig(backend="hf", group_size=2, max_new_tokens=10),
                  heal=HealConfig(segment_tokens=4, threshold_k=0.0), resources=ResourcesConfig(torch_threads=1))
     actor = make_generator_actor(cfg, num_gpus=0, num_cpus=0.5, seed=11, max_restarts=0)
     policy = load_model(tiny_model_config(), seed=5)  # differs from the actor's own random init
@@ -50,7 +50,7 @@ def test_actor_scores_rewards_and_overrides_group_size(ray_session, tokenizer):
     from actors.generator_actor import make_generator_actor
     from e3rl.tasks.base import Problem
 
-    cfg = Config(model=tiny_model_config(), gen=GenConfig(group_size=2, max_new_tokens=6),
+    cfg = Config(model=tiny_model_config(), gen=GenConfig(backend="hf", group_size=2, max_new_tokens=6),
                  resources=ResourcesConfig(torch_threads=1))
     actor = make_generator_actor(cfg, num_cpus=0.5, seed=3)
     problems = [Problem("p0", "1+1", "2", "test"), Problem("p1", "2+2", "4", "test")]
@@ -83,7 +83,7 @@ def test_a_stalled_reward_cannot_stall_the_step(ray_session, tokenizer):
     from e3rl.config import RewardConfig
     from e3rl.tasks.base import Problem
 
-    cfg = Config(model=tiny_model_config(), gen=GenConfig(group_size=2, max_new_tokens=4),
+    cfg = Config(model=tiny_model_config(), gen=GenConfig(backend="hf", group_size=2, max_new_tokens=4),
                  reward=RewardConfig(fn=f"{__name__}:stalling_reward"), resources=ResourcesConfig(torch_threads=1))
     actor = make_generator_actor(cfg, num_cpus=0.5, seed=3,
                                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

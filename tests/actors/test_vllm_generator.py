@@ -161,3 +161,16 @@ def test_only_the_policys_stop_ids_end_a_request():
     (p,) = VllmEngine.sampling_params([Request([1, 2], 5, 7)], 1.0, 0, 1.0, {9, 3})
     assert p.ignore_eos and sorted(p.stop_token_ids) == [3, 9] and p.seed == 7 and p.max_tokens == 5
     assert p.logprobs == 0 and not p.detokenize
+
+
+def test_a_model_vllm_cannot_run_here_is_one_line_at_start(tokenizer):
+    """vLLM's CPU attention rejects head_dim 16 only when it first runs: the engine's warm-up request
+    turns that into a config error at start-up, not a traceback in the first rollout."""
+    from actors.vllm_engine import VllmEngine
+    from e3rl.config import ConfigError, VllmConfig
+    from e3rl.models import hf_model_dir
+    from tests.conftest import tiny_model_config
+
+    with pytest.raises(ConfigError, match=r"^gen.backend: vLLM cannot run this model on cpu \(.*head_dim.*\) — use gen.backend=hf"):
+        VllmEngine(hf_model_dir(tiny_model_config("qwen3"), seed=0), torch.float32, torch.device("cpu"),
+                   VllmConfig(kv_cache_gib=0.25), max_model_len=256, logprobs_mode="processed_logprobs")

@@ -6,6 +6,7 @@ uninterrupted reference run of the same config and seed.
 - generator fault: the same with `run.fault.generator_die_after=3` — each generator actor exits at
   its fourth batch (the held-out eval before training, plain then healed, step 1, then step 2):
   both die mid-rollout in step 2;
+- the generator fault on the vLLM backend: the same accounting, not bit equality (README);
 - one run interrupted three ways in a row: SIGTERM (finish the step, checkpoint, exit 0), then
   resumed and killed with SIGKILL after a checkpoint, then given a torn newer checkpoint (`latest`
   pointing at it) and resumed to the end.
@@ -115,8 +116,11 @@ def runs(tmp_path_factory):
     t0 = time.time()
     ref, ref_log = start_run(base / "ref", *COMMON)
     fault, fault_log = start_run(base / "fault", *COMMON, "run.fault.generator_die_after=3")
+    vllm, vllm_log = start_run(base / "fault_vllm", *COMMON, "run.fault.generator_die_after=3", "gen.backend=vllm",
+                               "gen.vllm.kv_cache_gib=0.25")
     out = base / "resumed"
-    info: dict = {"base": base, "ref": base / "ref", "fault": base / "fault", "resumed": out}
+    info: dict = {"base": base, "ref": base / "ref", "fault": base / "fault", "fault_vllm": base / "fault_vllm",
+                  "resumed": out}
 
     # session 1: SIGTERM once step 1 is logged; it finishes the step it is in, checkpoints, exits 0
     s1, log1 = start_run(out, *COMMON, log_name="session1")
@@ -142,7 +146,8 @@ def runs(tmp_path_factory):
     s3, log3 = start_run(out, *COMMON, log_name="session3")
     info["final_rc"], info["final_log"] = _finish(s3, log3), log3
 
-    for name, (proc, log) in {"ref": (ref, ref_log), "fault": (fault, fault_log)}.items():
+    for name, (proc, log) in {"ref": (ref, ref_log), "fault": (fault, fault_log),
+                              "fault_vllm": (vllm, vllm_log)}.items():
         info[f"{name}_rc"], info[f"{name}_log"] = _finish(proc, log), log
     # Ray's agents watch their raylet and exit within a minute or so of it (measured ~40-60 s)
     while _alive(family) and time.time() - t_kill < 120:
@@ -218,6 +223,20 @@ def test_dead_generators_are_restarted_and_their_shards_regenerated_exactly(runs
     _assert_accounting(out)  # every prompt generated once and trained once: 8 trajectories per step
     _assert_same_trajectory(out, runs["ref"])
     assert _max_diff(_weights(out), _weights(runs["ref"])) == 0.0
+
+
+def test_dead_vllm_generators_are_restarted_and_no_prompt_is_lost_or_repeated(runs):
+    """The vLLM backend's promise (README, "When things go wrong"): the same accounting as HF —
+    every prompt generated and trained once per step — but not bit-identical samples (vLLM is not
+    batch-invariant), so the trajectory is not compared with the reference."""
+    out = runs["fault_vllm"]
+    log = runs["fault_vllm_log"].read_text()
+    assert runs["fault_vllm_rc"] == 0, log[-3000:]
+    assert log.count("died mid-rollout") == 2, log[-3000:]
+    rows = _by_step(out)
+    assert [rows[s]["gen/recovered_shards"] for s in sorted(rows)] == [0.0, 2.0, 2.0]
+    _assert_accounting(out)
+    assert json.loads((out / "summary.json").read_text())["gen_backend"] == "vllm"
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(runs):
