@@ -148,7 +148,8 @@ class GenConfig:
     stop: tuple = ()
     """Stop strings: a row ends once its kept text contains one."""
     rows_per_forward: int = 0
-    """Max rows decoded together by one generator; 0 = all rows of its shard."""
+    """HF backend: max rows decoded together by one generator; 0 = all rows of its shard. (vLLM
+    schedules rows by its KV budget, up to `gen.vllm.max_num_seqs`.)"""
 
 
 @dataclass(frozen=True)

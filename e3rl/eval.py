@@ -73,7 +73,9 @@ def build_config(a: argparse.Namespace) -> Config:
         pinned = [f"model.path={json.dumps(str(model))}", "model.tokenizer=", "model.gguf_file="]
     if config is not None and not Path(config).is_file():
         _fail("--config", f"file {config!r} does not exist", "pass a YAML such as configs/tiny.yaml")
-    return load_config(config, pinned + list(a.overrides))
+    # evaluation trains nothing, so behaviour log-probs are never used: with the learner's recompute
+    # declared, eval decoding (e.g. T = 0.6, top-p 0.95) is valid on either backend
+    return load_config(config, ["algo.behaviour_logp=recompute"] + pinned + list(a.overrides))
 
 
 def load_sets(cfg: Config, specs: Sequence[str], size: int, tokenizer: Any) -> list[EvalSet]:

@@ -125,3 +125,14 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert rc == 2 and stdout == ""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and " — " in lines[0], stderr
+
+
+def test_eval_decoding_settings_load_on_a_vllm_config():
+    """The Qwen3 configs generate on vLLM; the README's eval decoding (T = 0.6, top-p, top-k) makes
+    vLLM's one log-prob per token the policy's, which a training run must declare
+    (`algo.behaviour_logp`). Evaluation trains nothing, so it declares it itself."""
+    from e3rl.eval import build_config, parse_args
+
+    cfg = build_config(parse_args(["--config", str(ROOT / "configs/qwen3-4b-e3rl.yaml"), "--data", "gym:chain_sum",
+                                   "gen.temperature=0.6", "gen.top_p=0.95", "gen.top_k=20"]))
+    assert cfg.gen.backend == "vllm" and cfg.gen.temperature == 0.6 and cfg.algo.behaviour_logp == "recompute"
