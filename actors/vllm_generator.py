@@ -94,6 +94,10 @@ class VllmGenerator:
         while live:
             requests = [self._request(r, seed) for r, seed in zip(live, self._seeds(len(live)))]
             done = self.engine.generate(requests, self.gen.temperature, self.gen.top_k, self.gen.top_p, self.eos)
+            if not any(c.token_ids for c in done):  # nothing can change: never loop on it
+                raise RuntimeError(f"vLLM returned no tokens for {len(done)} requests (longest prompt "
+                                   f"{max(len(r.prompt) for r in requests)}): is data.max_prompt_tokens + the "
+                                   "stream cap beyond the model's max_position_embeddings?")
             self._account(live, done, rewound)
             rewound = self._push(policy, live, done)
             live = [r for r in live if not r.finish]
