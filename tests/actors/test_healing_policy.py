@@ -73,23 +73,10 @@ def run_scripted(gen, heal, history=UncertaintyHistory(), force_erase=None, surp
     return [policy.trajectory(r, 0) for r in rows]
 
 
-def run_hf(model, tokenizer, gen, heal, history=UncertaintyHistory(), force_erase=None, surprisal=None,
-           groups: int = 2) -> list:
-    """`surprisal` is the model's own here."""
-    from actors.generator import RewindableGenerator
-
-    g = RewindableGenerator(model, tokenizer, gen, heal, heal_active=True, seed=0, eos_token_ids=())
-    g.history, g.force_erase = history, force_erase
-    texts = ["Hello there, how are you today?", "1+1=", "The quick brown fox"][:groups]
-    return g.generate([tokenizer.encode(t) for t in texts], list(range(groups)))
-
-
-def run_vllm(engine, tokenizer, gen, heal, history=UncertaintyHistory(), force_erase=None, surprisal=None,
-             groups: int = 2) -> list:
-    """`surprisal` is the model's own here, as for HF."""
-    from actors.vllm_generator import VllmGenerator
-
-    g = VllmGenerator(engine, tokenizer, gen, heal, heal_active=True, seed=0, eos=())
+def run_model(make, tokenizer, gen, heal, history=UncertaintyHistory(), force_erase=None, surprisal=None,
+              groups: int = 2) -> list:
+    """A model engine built by `make(gen, heal)`; `surprisal` is the model's own here."""
+    g = make(gen, heal)
     g.history, g.force_erase = history, force_erase
     texts = ["Hello there, how are you today?", "1+1=", "The quick brown fox"][:groups]
     return g.generate([tokenizer.encode(t) for t in texts], list(range(groups)))
@@ -99,9 +86,17 @@ def run_vllm(engine, tokenizer, gen, heal, history=UncertaintyHistory(), force_e
 def backend(request):
     if request.param == "scripted":
         return run_scripted
+    tok = request.getfixturevalue("tokenizer")
     if request.param == "vllm":
-        return partial(run_vllm, request.getfixturevalue("vllm_engine"), request.getfixturevalue("tokenizer"))
-    return partial(run_hf, request.getfixturevalue("tiny_model"), request.getfixturevalue("tokenizer"))
+        from actors.vllm_generator import VllmGenerator
+
+        engine = request.getfixturevalue("vllm_engine")
+        return partial(run_model, lambda gen, heal: VllmGenerator(engine, tok, gen, heal, True, seed=0, eos=()), tok)
+    from actors.generator import RewindableGenerator
+
+    model = request.getfixturevalue("tiny_model")
+    return partial(run_model, lambda gen, heal: RewindableGenerator(model, tok, gen, heal, True, seed=0,
+                                                                    eos_token_ids=()), tok)
 
 
 def check_invariants(t, gen: GenConfig) -> None:
