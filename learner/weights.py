@@ -10,7 +10,7 @@ behind the same two calls (see docs/weight_sync.md for the trade-off).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -71,53 +71,83 @@ def _is_zero3(t: torch.Tensor) -> bool:
     return hasattr(t, "ds_id")
 
 
-def _buckets(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
-    out, cur, size = [], [], 0
-    for p in params:
-        n = p.ds_numel * p.element_size()
-        if cur and size + n > limit:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(p)
-        size += n
-    return out + ([cur] if cur else [])
+def _distinct(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state-dict tensors, each once (tied weights under their first name)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in module.state_dict(keep_vars=True).items():  # ZeRO-3 params are empty here
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
+
+
+def state_specs(module: nn.Module, master: bool = False) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, full shape, published dtype) of each distinct tensor, in state-dict order: what a
+    receiver needs to plan the same buckets (`learner.sync_group.plan_buckets`). `master`: trained
+    parameters are published as their fp32 master copies."""
+    return [(n, tuple(t.ds_shape if _is_zero3(t) else t.shape),
+             torch.float32 if master and t.requires_grad else t.dtype)
+            for n, t in _distinct(module).items()]
+
+
+def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0,
+                 master: bool = False) -> Optional[dict[str, torch.Tensor]]:
+    """The full tensors `names` (distinct state-dict names) as CPU tensors on rank 0; None elsewhere.
+
+    Collective under ZeRO-3: every rank calls it with the same names. Peak extra memory is these
+    tensors. `master`: trained parameters come from the optimizer's fp32 master copies (bf16 mixed
+    precision: the module holds only their bf16 roundings, which must never be published).
+    """
+    named = _distinct(module)
+    tensors = {n: named[n] for n in names}
+    cpu: dict[str, torch.Tensor] = {}
+    done: set[str] = set()  # the same on every rank, so the collectives below match
+    if master:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for n, t in tensors.items():
+            if not t.requires_grad:
+                continue
+            full = safe_get_full_fp32_param(t)  # collective: an all-gather of the fp32 partitions
+            if full is not None:
+                done.add(n)
+                if rank == 0:
+                    cpu[n] = full.detach().to("cpu", copy=True).view(t.ds_shape if _is_zero3(t) else t.shape)
+    sharded = {n: t for n, t in tensors.items() if _is_zero3(t) and n not in done}
+    if sharded:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(sharded.values()), modifier_rank=None):
+            if rank == 0:
+                for n, t in sharded.items():
+                    cpu[n] = t.detach().to("cpu", copy=True)
+    if rank != 0:
+        return None
+    for n, t in tensors.items():
+        if n not in cpu:
+            cpu[n] = t.detach().to("cpu", copy=True)
+    return cpu
 
 
 def gather_state_dict(module: nn.Module, rank: int = 0, bucket_bytes: int = BUCKET_BYTES,
                       master: bool = False) -> Optional[dict[str, torch.Tensor]]:
     """Full state_dict of a (possibly ZeRO-3 partitioned) module as CPU tensors on rank 0; None elsewhere.
 
-    Collective under ZeRO-3: every rank must call it. Tied weights share one CPU tensor.
-    `master`: trained parameters come from the optimizer's fp32 master copies (bf16 mixed
-    precision: the module holds only their bf16 roundings, which must never be published).
+    Collective under ZeRO-3: every rank must call it. Gathered bucket by bucket (the buckets a
+    collective sync sends), so the GPU-side peak is one bucket; tied weights share one CPU tensor.
     """
-    named = module.state_dict(keep_vars=True)  # names incl. aliases; ZeRO-3 params are empty here
-    cpu: dict[int, torch.Tensor] = {}
-    done: set[int] = set()  # the same on every rank, so the collectives below match
-    if master:
-        from deepspeed.utils import safe_get_full_fp32_param
+    from learner.sync_group import plan_buckets
 
-        for t in {id(t): t for t in named.values() if t.requires_grad}.values():
-            full = safe_get_full_fp32_param(t)  # collective: an all-gather of the fp32 partitions
-            if full is not None:
-                done.add(id(t))
-                if rank == 0:
-                    cpu[id(t)] = full.detach().to("cpu", copy=True).view(t.ds_shape if _is_zero3(t) else t.shape)
-    sharded = list({id(t): t for t in named.values() if _is_zero3(t) and id(t) not in done}.values())
-    if sharded:
-        import deepspeed
-
-        for bucket in _buckets(sharded, bucket_bytes):
-            with deepspeed.zero.GatheredParameters(bucket, modifier_rank=None):
-                if rank == 0:
-                    for p in bucket:
-                        cpu[id(p)] = p.detach().to("cpu", copy=True)
+    parts: dict[str, torch.Tensor] = {}
+    for bucket in plan_buckets(state_specs(module, master), bucket_bytes):
+        got = gather_named(module, [s.name for s in bucket.slots], rank, master)
+        if got is not None:
+            parts |= got
     if rank != 0:
         return None
-    for t in named.values():
-        if id(t) not in cpu:
-            cpu[id(t)] = t.detach().to("cpu", copy=True)
-    return {k: cpu[id(t)] for k, t in named.items()}
+    first = {id(t): n for n, t in reversed(list(module.state_dict(keep_vars=True).items()))}
+    return {n: parts[first[id(t)]] for n, t in module.state_dict(keep_vars=True).items()}
 
 
 def set_fp32_masters(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
