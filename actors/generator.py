@@ -11,7 +11,7 @@ a `Trajectory`, so the learner can replay exactly what every token saw.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -78,6 +78,17 @@ class RewindableGenerator:
         tied = _tied_names(self.model)
         if unexpected or set(missing) - tied:
             raise KeyError(f"load_weights: missing {sorted(set(missing) - tied)} unexpected {sorted(unexpected)}")
+        self.policy_version = version
+
+    @torch.no_grad()
+    def receive_weights(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy streamed (name, tensor) pairs into the model as they arrive (a tied alias shares its
+        tensor). The version is -1 until the stream ends: a stream that breaks leaves the model
+        half-updated and marked so, and it is reloaded before it samples again."""
+        params = self.model.state_dict(keep_vars=True)
+        self.policy_version = -1
+        for name, t in named:
+            params[name].data.copy_(t)
         self.policy_version = version
 
     @torch.inference_mode()

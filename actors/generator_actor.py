@@ -93,6 +93,20 @@ class GeneratorWorker:
         self.generator.load_weights(weights, version)
         return True
 
+    def receive_weights(self, address, rank: int, specs: list, bucket_bytes: int, version: int) -> int:
+        """Join the sync group's epoch (as `rank`) and load the policy as its buckets arrive.
+        -> the version now loaded (-1: the stream broke; the group reloads this actor before it samples)."""
+        from learner.sync_group import SyncGroup, plan_buckets
+
+        g = getattr(self, "_sync", None)
+        if g is None or g.address != address:
+            self._sync = g = SyncGroup(address, rank, resolve_device(self.cfg.model.device))
+        try:
+            self.generator.receive_weights(g.receive(plan_buckets(specs, bucket_bytes)), version)
+        except (RuntimeError, TimeoutError):
+            self._sync = None  # this epoch is broken: the next sync re-forms the group
+        return self.generator.policy_version
+
     @ray.method(num_returns=2)
     def generate(self, prompts: list, group_ids: list, prompt_uids: Optional[list] = None,
                  problems: Optional[list] = None, group_size: Optional[int] = None,
@@ -143,6 +157,10 @@ class GeneratorWorker:
 
     def policy_version(self) -> int:
         return self.generator.policy_version
+
+    def model_state(self) -> dict:
+        """Inspection (HF backend): the model's state dict as CPU tensors."""
+        return {k: v.detach().cpu() for k, v in self.generator.model.state_dict().items()}
 
     def stats(self) -> dict:
         return dict(self.generator.stats)

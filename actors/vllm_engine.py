@@ -121,15 +121,26 @@ class VllmEngine:
                 for r in requests]
 
     def load_weights(self, state_dict: dict) -> None:
-        """Load an HF state dict in place, then drop every cached block: none computed under the old
-        weights may be reused. A tied LM head absent from the dict (as state dicts often omit it) is
-        passed as the embedding: vLLM's layer-wise reload leaves a layer that gets no tensor unloaded."""
-        hf = self.llm.llm_engine.model_config.hf_config
-        if getattr(hf, "tie_word_embeddings", False) and "lm_head.weight" not in state_dict:
-            embed = next((v for k, v in state_dict.items() if k.endswith("embed_tokens.weight")), None)
-            if embed is not None:
-                state_dict = {**state_dict, "lm_head.weight": embed}
+        """Load an HF state dict in place, then drop every cached block (see `load_weights_stream`)."""
+        self.load_weights_stream(state_dict.items())
+
+    def load_weights_stream(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors in place as they arrive, then drop every cached block: none computed
+        under the old weights may be reused. A tied LM head the stream omits (state dicts and our
+        sync send each tensor once) is passed as the embedding: vLLM's layer-wise reload leaves a
+        layer that gets no tensor unloaded."""
+        tied = getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False)
+
+        def with_head():
+            head = embed = None
+            for name, t in named:
+                head = head or name == "lm_head.weight"
+                embed = t if name.endswith("embed_tokens.weight") else embed
+                yield name, t
+            if tied and not head and embed is not None:
+                yield "lm_head.weight", embed
+
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.reload_weights(weights_iterator=iter(state_dict.items()), weights_path=None, is_checkpoint_format=True)
+        runner.reload_weights(weights_iterator=with_head(), weights_path=None, is_checkpoint_format=True)
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM kept its prefix cache after a weight reload (a request still holds blocks)")

@@ -22,7 +22,7 @@ tokens in another batch (README, "When things go wrong").
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -78,6 +78,13 @@ class VllmGenerator:
     def load_weights(self, state_dict: dict, version: int) -> None:
         """Load HF-named weights into the engine in place (tied weights may be absent) and reset its prefix cache."""
         self.engine.load_weights(state_dict)
+        self.policy_version = version
+
+    def receive_weights(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Stream (name, tensor) pairs into the engine as they arrive (vLLM's reload consumes an
+        iterator), then reset its prefix cache. -1 until the stream ends (see the HF generator)."""
+        self.policy_version = -1
+        self.engine.load_weights_stream(named)
         self.policy_version = version
 
     @torch.inference_mode()

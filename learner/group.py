@@ -22,6 +22,7 @@ from e3rl.config import Config, RunHalted
 from e3rl.placement import bundles_per_node, reserve_bundles
 from e3rl.core.trajectory import Trajectory
 from learner import checkpoint as ckpt
+from learner.sync_group import GroupAddress
 from learner.weights import WeightHandle
 
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -111,6 +112,21 @@ class LearnerGroup:
     def publish_weights(self) -> WeightHandle:
         """Gather on rank 0, one ray.put; generators `ray.get(handle.ref)` (see learner.weights)."""
         return self._all("publish_weights")[0]
+
+    def sync_address(self, world_size: int, epoch: int, timeout_s: float) -> GroupAddress:
+        """Where the sync group's epoch meets: learner rank 0's node (it serves the store) and a port
+        kept for the group's life (a re-formed epoch reuses it)."""
+        if getattr(self, "_sync_port", None) is None:
+            self._sync_host, self._sync_port = ray.get(self.workers[0].master_address.remote())
+        return GroupAddress(self._sync_host, self._sync_port, world_size, epoch, timeout_s)
+
+    def send_weights(self, address: GroupAddress, bucket_bytes: int) -> list:
+        """Start streaming the policy into the sync group (every rank gathers, rank 0 sends);
+        -> the ranks' refs: the caller starts the receivers, then gets rank 0's result."""
+        return [w.send_weights.remote(address, bucket_bytes) for w in self.workers]
+
+    def sync_specs(self) -> list:
+        return ray.get(self.workers[0].sync_specs.remote())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")[0]

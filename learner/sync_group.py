@@ -115,7 +115,8 @@ class SyncGroup:
         per port); members connect a new client per epoch."""
         timeout = datetime.timedelta(seconds=address.timeout_s)
         self.rank, self.device, self.address = rank, device, address
-        self.store = store or dist.TCPStore(address.host, address.port, None, rank == 0, timeout=timeout,
+        join = datetime.timedelta(seconds=address.join_timeout_s)  # a member may connect before rank 0 serves
+        self.store = store or dist.TCPStore(address.host, address.port, None, rank == 0, timeout=join,
                                             wait_for_workers=False)
         store = dist.PrefixStore(f"e3rl-sync/{address.epoch}", self.store)
         _arrive(store, address)  # the group's own rendezvous uses the (short) operation timeout

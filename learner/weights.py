@@ -91,9 +91,10 @@ def state_specs(module: nn.Module, master: bool = False) -> list[tuple[str, tupl
             for n, t in _distinct(module).items()]
 
 
-def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0,
-                 master: bool = False) -> Optional[dict[str, torch.Tensor]]:
-    """The full tensors `names` (distinct state-dict names) as CPU tensors on rank 0; None elsewhere.
+def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0, master: bool = False,
+                 device: torch.device = torch.device("cpu")) -> Optional[dict[str, torch.Tensor]]:
+    """The full tensors `names` (distinct state-dict names) on rank 0, copied to `device` (CPU for
+    the object store; the GPU for an NCCL sync); None elsewhere.
 
     Collective under ZeRO-3: every rank calls it with the same names. Peak extra memory is these
     tensors. `master`: trained parameters come from the optimizer's fp32 master copies (bf16 mixed
@@ -113,7 +114,7 @@ def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0,
             if full is not None:
                 done.add(n)
                 if rank == 0:
-                    cpu[n] = full.detach().to("cpu", copy=True).view(t.ds_shape if _is_zero3(t) else t.shape)
+                    cpu[n] = full.detach().to(device, copy=True).view(t.ds_shape if _is_zero3(t) else t.shape)
     sharded = {n: t for n, t in tensors.items() if _is_zero3(t) and n not in done}
     if sharded:
         import deepspeed
@@ -121,12 +122,12 @@ def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0,
         with deepspeed.zero.GatheredParameters(list(sharded.values()), modifier_rank=None):
             if rank == 0:
                 for n, t in sharded.items():
-                    cpu[n] = t.detach().to("cpu", copy=True)
+                    cpu[n] = t.detach().to(device, copy=True)
     if rank != 0:
         return None
     for n, t in tensors.items():
         if n not in cpu:
-            cpu[n] = t.detach().to("cpu", copy=True)
+            cpu[n] = t.detach().to(device, copy=True)
     return cpu
 
 

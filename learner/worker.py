@@ -47,7 +47,9 @@ from learner.stream_batch import (StreamBatch, StreamPolicy, collate, logprobs_a
 from learner.precision import learner_dtype
 from learner.step_stats import StepSums
 from learner.updates import Update, freeze_batches, plan_updates
-from learner.weights import ObjectStoreWeightSync, WeightHandle, WeightSync, gather_state_dict, set_fp32_masters
+from learner.sync_group import GroupAddress, SyncGroup, pack, plan_buckets
+from learner.weights import (BUCKET_BYTES, ObjectStoreWeightSync, WeightHandle, WeightSync, gather_named,
+                             gather_state_dict, set_fp32_masters, state_specs)
 
 
 TRUNCATED = ("length", "stream_cap")
@@ -368,6 +370,47 @@ class LearnerWorker:
         """Collective: gather on rank 0 and publish once with the policy version."""
         state = self.state_dict()
         return (sync or ObjectStoreWeightSync()).publish(state, self.version) if self.rank == 0 else None
+
+    def send_weights(self, address: GroupAddress, bucket_bytes: int = BUCKET_BYTES) -> Optional[dict[str, Any]]:
+        """Collective: stream the policy to the sync group bucket by bucket (every rank gathers each
+        bucket from its ZeRO-3 partitions, rank 0 broadcasts and frees it), so no rank holds more
+        than a bucket beyond its shard. A broadcast that fails (a generator died or hung) stops
+        rank 0 sending but not gathering: the other ranks' collectives must still match.
+        -> on rank 0 {version, bytes, seconds, error}."""
+        t0 = time.perf_counter()
+        lm = self.engine.module.lm
+        plan = plan_buckets(state_specs(lm, self.bf16), bucket_bytes)
+        group, sent, error = None, 0, ""
+        if self.rank == 0:
+            try:
+                group = self._sync_group(address)
+            except (RuntimeError, TimeoutError) as e:
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        for bucket in plan:
+            part = gather_named(lm, [s.name for s in bucket.slots], self.rank, self.bf16, self.device)
+            if group is not None and not error:
+                try:
+                    group.broadcast(pack(bucket, part, self.device))
+                    sent += bucket.nbytes
+                except RuntimeError as e:
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            del part
+        if self.rank != 0:
+            return None
+        return {"version": self.version, "bytes": sent, "seconds": time.perf_counter() - t0, "error": error}
+
+    def sync_specs(self) -> list:
+        """(name, shape, dtype) of what `send_weights` sends, for receivers to plan the same buckets."""
+        return state_specs(self.engine.module.lm, self.bf16)
+
+    def _sync_group(self, address: GroupAddress) -> SyncGroup:
+        """Rank 0's member of the sync group's current epoch (one store per port, reused by epochs)."""
+        g = getattr(self, "_sync", None)
+        if g is not None and g.address == address:
+            return g
+        store = g.store if g is not None and g.address.port == address.port else None
+        self._sync = SyncGroup(address, 0, self.device, store=store)
+        return self._sync
 
     def _barrier(self) -> None:
         import torch.distributed as dist
