@@ -174,3 +174,65 @@ def test_a_model_vllm_cannot_run_here_is_one_line_at_start(tokenizer):
     with pytest.raises(ConfigError, match=r"^gen.backend: vLLM cannot run this model on cpu \(.*head_dim.*\) — use gen.backend=hf"):
         VllmEngine(hf_model_dir(tiny_model_config("qwen3"), seed=0), torch.float32, torch.device("cpu"),
                    VllmConfig(kv_cache_gib=0.25), max_model_len=256, logprobs_mode="processed_logprobs")
+
+
+def _perturbed(model, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v.clone()
+           for k, v in model.state_dict().items()}
+    new["lm_head.weight"] = new["model.embed_tokens.weight"]  # tied
+    return new
+
+
+def _send_perturbed(address, bucket_bytes: int) -> None:
+    """A learner stand-in in its own process: the test model's perturbed weights, bucket by bucket."""
+    from learner.sync_group import SyncGroup, plan_buckets
+    from learner.weights import state_specs
+    from e3rl.models import load_model
+    from tests.conftest import tiny_model_config
+
+    torch.set_num_threads(1)
+    model = load_model(tiny_model_config("qwen3_hd64"), seed=0)
+    model.load_state_dict(_perturbed(model))
+    sd = model.state_dict()
+    group = SyncGroup(address, 0, torch.device("cpu"))
+    group.send(plan_buckets(state_specs(model), bucket_bytes), lambda b: {s.name: sd[s.name] for s in b.slots})
+
+
+def test_weights_streamed_over_the_sync_group_reach_the_engine(vllm_engine, vllm_model, tokenizer):
+    """The collective sync's vLLM end: buckets arrive from another process and go straight into
+    the engine (reload on the stream, tied head added, prefix cache reset); its log-probs are then
+    the HF model's with those weights."""
+    import multiprocessing as mp
+    import socket
+
+    from learner.sync_group import GroupAddress, SyncGroup, plan_buckets
+    from learner.weights import state_specs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = GroupAddress("127.0.0.1", port, 2, epoch=0, timeout_s=30.0)
+    specs = state_specs(vllm_model)
+    bucket = sum(torch.Size(sh).numel() * 4 for _, sh, _ in specs) // 10
+    sender = mp.get_context("spawn").Process(target=_send_perturbed, args=(address, bucket))
+    sender.start()
+    g = VllmGenerator(vllm_engine, tokenizer, GenConfig(group_size=1, max_new_tokens=8, temperature=0),
+                      HealConfig(segment_tokens=4), False, seed=0, eos=())
+    original = {k: v.clone() for k, v in vllm_model.state_dict().items()}
+    try:
+        g.receive_weights(SyncGroup(address, 1, torch.device("cpu")).receive(plan_buckets(specs, bucket)), version=3)
+        sender.join(timeout=60)
+        assert sender.exitcode == 0 and g.policy_version == 3
+        vllm_model.load_state_dict(_perturbed(vllm_model))
+        prompt = tokenizer.encode(TEXTS[0])
+        t = g.generate([prompt], [0])[0]
+        with torch.no_grad():
+            ref = vllm_model(torch.tensor([prompt + t.stream_ids.tolist()])).logits[0, len(prompt) - 1 : -1]
+        ref = ref.log_softmax(-1).gather(1, t.stream_ids[:, None])[:, 0]
+        assert torch.allclose(t.behavior_logp, ref, atol=LOGP_TOL, rtol=0)
+    finally:
+        if sender.is_alive():
+            sender.kill()
+        g.load_weights(original, version=0)
+        vllm_model.load_state_dict(original)
