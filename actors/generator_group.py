@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -78,13 +78,15 @@ class GeneratorGroup:
             for i in range(r.num_generators)
         ]
         self._weights: tuple[Any, int] | None = None
+        self.reload: Optional[Callable[[int], None]] = None  # set by a collective weight sync
         self.history = UncertaintyHistory(decay=cfg.heal.history_decay)
         self.recovered_shards = 0
 
-    def load_weights(self, weights_ref: Any, version: int) -> None:
-        """Every actor loads the same object-store copy (Ray fans it out, across nodes too)."""
+    def load_weights(self, weights_ref: Any, version: int, which: Optional[Sequence[int]] = None) -> None:
+        """Every actor (or those in `which`) loads the same object-store copy (Ray fans it out,
+        across nodes too)."""
         self._weights = (weights_ref, version)
-        ray.get([a.load_weights.remote(weights_ref, version) for a in self.actors])
+        ray.get([self.actors[i].load_weights.remote(weights_ref, version) for i in which or range(len(self.actors))])
 
     def generate(self, problems: Sequence[Problem], prompts: Sequence[list[int]], group_ids: Sequence[int],
                  group_size: Optional[int] = None, heal: Optional[bool] = None,
@@ -122,19 +124,26 @@ class GeneratorGroup:
         self.history = self.history.update(accepted)
 
     def _revive(self, i: int, timeout_s: float = 300.0) -> None:
-        """Wait until Ray has restarted actor i (calls fail with ActorUnavailableError meanwhile), then
-        give it the current weights: the state the dead one had (the history comes with each call)."""
-        a, deadline = self.actors[i], time.monotonic() + timeout_s
-        while True:
-            try:
-                ray.get(a.policy_version.remote())
-                break
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        if self._weights is not None:
-            ray.get(a.load_weights.remote(*self._weights))
+        """Wait until Ray has restarted actor i, then give it the current weights: the state the
+        dead one had (the history comes with each call). The collective sync sets `reload`."""
+        self.wait_alive([i], timeout_s)
+        if self.reload is not None:
+            self.reload(i)
+        elif self._weights is not None:
+            ray.get(self.actors[i].load_weights.remote(*self._weights))
+
+    def wait_alive(self, which: Sequence[int], timeout_s: float = 300.0) -> None:
+        """Until Ray has restarted the actors `which` that died (calls fail with ActorUnavailableError meanwhile)."""
+        deadline = time.monotonic() + timeout_s
+        for i in which:
+            while True:
+                try:
+                    ray.get(self.actors[i].policy_version.remote())
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
 
     def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, seed):
         a = self.actors[i]

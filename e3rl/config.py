@@ -298,6 +298,16 @@ class LearnerConfig:
 class ResourcesConfig:
     address: str = ""
     """Ray cluster address; empty = $RAY_ADDRESS, else an embedded local Ray."""
+    weight_sync: Literal["collective", "object_store"] = "collective"
+    """How new weights reach the generators: `collective` streams them bucket by bucket from the
+    ZeRO-3 shards over a group of learner rank 0 and the generators (NCCL on GPU, gloo on CPU; no
+    full copy on the learner); `object_store` gathers them on rank 0 and `ray.put`s them once
+    (also the collective path's fallback). docs/weight_sync.md."""
+    sync_bucket_mb: float = 64.0
+    """Collective sync: bytes per broadcast bucket (the learner's extra memory during a sync)."""
+    sync_timeout_s: float = 120.0
+    """Collective sync: how long a broadcast waits for a dead or hung generator before the group is
+    re-formed (and, failing again, the sync falls back to the object store)."""
     num_generators: int = 1
     """Generator actors."""
     gpus_per_generator: float = 0.0
@@ -482,6 +492,8 @@ def _validate(c: Config) -> None:
            f"vLLM returns one log-prob per token: with heal.surprisal_under=policy and gen.temperature={g.temperature} "
            "it is the T = 1 policy's, not the sampling distribution's",
            "set algo.behaviour_logp=recompute (the learner's log-probs stand in) or heal.surprisal_under=sampling")
+    _check(r.sync_bucket_mb > 0, "resources.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}", "e.g. 64")
+    _check(r.sync_timeout_s > 0, "resources.sync_timeout_s", f"must be > 0, got {r.sync_timeout_s}", "e.g. 120")
     _check(g.rows_per_forward >= 0, "gen.rows_per_forward", f"must be >= 0, got {g.rows_per_forward}",
            "0 = all rows of the shard")
     _check(all(isinstance(s, str) and s for s in g.stop), "gen.stop", "stop strings must be non-empty strings",

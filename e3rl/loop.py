@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 
@@ -34,6 +34,7 @@ class Roles:
     generators: Any  # actors.generator_group.GeneratorGroup
     buffer: Any  # Ray actor handle of actors.replay_buffer.ReplayBuffer
     learner: Any  # learner.group.LearnerGroup
+    sync: Optional[Callable[[], int]] = None  # the collective weight sync; None: through the object store
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Hooks:
 
 
 def sync_weights(roles: Roles) -> int:
+    if roles.sync is not None:  # resources.weight_sync: collective (e3rl.weight_sync)
+        return roles.sync()
     handle = roles.learner.publish_weights()
     roles.generators.load_weights(handle.ref, handle.version)
     return handle.version

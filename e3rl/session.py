@@ -24,6 +24,7 @@ from e3rl.models import check_model, load_tokenizer, materialize_builtin, prepar
 from e3rl.prompts import PromptStream
 from e3rl.rewards import check_reward_fn
 from e3rl.traces import write_trace
+from e3rl.weight_sync import CollectiveSync
 
 log = logging.getLogger("e3rl")
 
@@ -35,7 +36,10 @@ def build_roles(cfg: Config) -> Roles:
 
     generators = GeneratorGroup(cfg)
     buffer = make_replay_buffer(cfg.run.buffer_capacity, cfg.run.max_staleness)
-    return Roles(generators, buffer, LearnerGroup(cfg))
+    learner = LearnerGroup(cfg)
+    r = cfg.resources
+    sync = CollectiveSync(learner, generators, r.sync_bucket_mb, r.sync_timeout_s) if r.weight_sync == "collective" else None
+    return Roles(generators, buffer, learner, sync)
 
 
 def _resume(cfg: Config, roles: Roles, out: Path, stream: PromptStream) -> LoopState:

@@ -125,6 +125,9 @@ class LearnerGroup:
         -> the ranks' refs: the caller starts the receivers, then gets rank 0's result."""
         return [w.send_weights.remote(address, bucket_bytes) for w in self.workers]
 
+    def policy_version(self) -> int:
+        return ray.get(self.workers[0].policy_version.remote())
+
     def sync_specs(self) -> list:
         return ray.get(self.workers[0].sync_specs.remote())
 

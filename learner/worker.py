@@ -399,6 +399,9 @@ class LearnerWorker:
             return None
         return {"version": self.version, "bytes": sent, "seconds": time.perf_counter() - t0, "error": error}
 
+    def policy_version(self) -> int:
+        return self.version
+
     def sync_specs(self) -> list:
         """(name, shape, dtype) of what `send_weights` sends, for receivers to plan the same buckets."""
         return state_specs(self.engine.module.lm, self.bf16)

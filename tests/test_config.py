@@ -128,6 +128,8 @@ BAD_VALUES = [
     ("algo.tis_cap", ["algo.tis_cap=0.5"]),
     ("algo.behaviour_logp", ["gen.backend=vllm", "gen.temperature=0.7"]),
     ("gen.vllm.block_size", ["gen.vllm.block_size=-1"]),
+    ("resources.sync_bucket_mb", ["resources.sync_bucket_mb=0"]),
+    ("resources.sync_timeout_s", ["resources.sync_timeout_s=0"]),
     ("gen.vllm.memory_fraction", ["gen.vllm.memory_fraction=0"]),
     ("gen.vllm.kv_cache_gib", ["gen.vllm.kv_cache_gib=-1"]),
     ("gen.vllm.max_num_seqs", ["gen.vllm.max_num_seqs=-1"]),
