@@ -1,10 +1,10 @@
-"""`python -m e3rl.bench {generator,learner,lengths} [--out FILE.json] [...]`"""
+"""`python -m e3rl.bench {generator,learner,lengths,sync} [--out FILE.json] [...]`"""
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHES = ("generator", "learner", "lengths")
+BENCHES = ("generator", "learner", "lengths", "sync")
 
 
 def main(argv: list[str]) -> int:

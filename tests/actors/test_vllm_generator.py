@@ -7,6 +7,8 @@ gap). The prefix-cache tests spy on the real engine's requests (no mock: every r
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -163,17 +165,32 @@ def test_only_the_policys_stop_ids_end_a_request():
     assert p.logprobs == 0 and not p.detokenize
 
 
-def test_a_model_vllm_cannot_run_here_is_one_line_at_start(tokenizer):
+def test_a_model_vllm_cannot_run_here_is_one_line_at_start(tmp_path):
     """vLLM's CPU attention rejects head_dim 16 only when it first runs: the engine's warm-up request
-    turns that into a config error at start-up, not a traceback in the first rollout."""
-    from actors.vllm_engine import VllmEngine
-    from e3rl.config import ConfigError, VllmConfig
-    from e3rl.models import hf_model_dir
-    from tests.conftest import tiny_model_config
+    turns that into a config error at start-up, not a traceback in the first rollout. In its own
+    process: a second engine that fails tears down vLLM's process-wide parallel state, which the
+    session's engine in this process still uses."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    with pytest.raises(ConfigError, match=r"^gen.backend: vLLM cannot run this model on cpu \(.*head_dim.*\) — use gen.backend=hf"):
-        VllmEngine(hf_model_dir(tiny_model_config("qwen3"), seed=0), torch.float32, torch.device("cpu"),
-                   VllmConfig(kv_cache_gib=0.25), max_model_len=256, logprobs_mode="processed_logprobs")
+    code = (
+        "import torch\n"
+        "from actors.vllm_engine import VllmEngine\n"
+        "from e3rl.config import ConfigError, VllmConfig\n"
+        "from e3rl.models import hf_model_dir\n"
+        "from tests.conftest import tiny_model_config\n"
+        "try:\n"
+        "    VllmEngine(hf_model_dir(tiny_model_config('qwen3'), seed=0), torch.float32, torch.device('cpu'),\n"
+        "               VllmConfig(kv_cache_gib=0.25), max_model_len=256, logprobs_mode='processed_logprobs')\n"
+        "except ConfigError as e:\n"
+        "    print('CONFIG-ERROR', e)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("CONFIG-ERROR ")), "")
+    assert re.match(r"CONFIG-ERROR gen.backend: vLLM cannot run this model on cpu \(.*head_dim.*\) — use gen.backend=hf",
+                    line), out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def _perturbed(model, seed: int = 1) -> dict:
