@@ -98,13 +98,15 @@ class GeneratorWorker:
         -> the version now loaded (-1: the stream broke; the group reloads this actor before it samples)."""
         from learner.sync_group import SyncGroup, plan_buckets
 
-        g = getattr(self, "_sync", None)
-        if g is None or g.address != address:
-            self._sync = g = SyncGroup(address, rank, resolve_device(self.cfg.model.device))
         try:
+            g = getattr(self, "_sync", None)
+            if g is None or g.address != address:
+                self._sync = None
+                self._sync = g = SyncGroup(address, rank, resolve_device(self.cfg.model.device))
             self.generator.receive_weights(g.receive(plan_buckets(specs, bucket_bytes)), version)
-        except (RuntimeError, TimeoutError):
-            self._sync = None  # this epoch is broken: the next sync re-forms the group
+        except (RuntimeError, TimeoutError):  # forming or receiving failed: the driver re-forms or falls back
+            self._sync = None
+            return -1
         return self.generator.policy_version
 
     @ray.method(num_returns=2)

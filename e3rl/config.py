@@ -298,11 +298,12 @@ class LearnerConfig:
 class ResourcesConfig:
     address: str = ""
     """Ray cluster address; empty = $RAY_ADDRESS, else an embedded local Ray."""
-    weight_sync: Literal["collective", "object_store"] = "collective"
+    weight_sync: Literal["collective", "object_store"] = "object_store"
     """How new weights reach the generators: `collective` streams them bucket by bucket from the
     ZeRO-3 shards over a group of learner rank 0 and the generators (NCCL on GPU, gloo on CPU; no
     full copy on the learner); `object_store` gathers them on rank 0 and `ray.put`s them once
-    (also the collective path's fallback). docs/weight_sync.md."""
+    (also the collective path's fallback). `collective` is opt-in until its bench runs clean on
+    the real model (docs/weight_sync.md)."""
     sync_bucket_mb: float = 64.0
     """Collective sync: bytes per broadcast bucket (the learner's extra memory during a sync)."""
     sync_timeout_s: float = 120.0

@@ -65,7 +65,7 @@ class CollectiveSync:
                  for k, a in enumerate(actors)]
         try:
             loaded = ray.get(recvs)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        except ray.exceptions.RayError:  # a generator died, or failed in a way it did not report
             loaded = [-1]
         sent = ray.get(sends)[0]  # the learner always finishes: a failed broadcast stops only the sending
         if sent["error"] or any(v != version for v in loaded):

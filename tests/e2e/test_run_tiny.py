@@ -6,7 +6,8 @@ Three runs, started together to share the wall clock (each is mostly Ray/actor s
   so the default reward is all 0, every advantage 0 and training would not move a weight);
 - plain GRPO (`algo.e3rl=false`): no rewinds, uniform allocation, the learner in bf16 mixed precision
   (the E3RL run keeps fp32, so its generator and learner log-probs must agree exactly);
-- E3RL as the first, on the vLLM backend (`gen.backend=vllm`), fp32 on both sides.
+- E3RL as the first, on the vLLM backend (`gen.backend=vllm`), fp32 on both sides, its weights
+  streamed over the sync group (`resources.weight_sync=collective`).
 Each subprocess gets its own embedded Ray (RAY_AUTH_MODE=disabled, RAY_ADDRESS unset).
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ def runs(tmp_path_factory):
                            "learner.dtype=float32")  # fp32 like the generator: log-probs must agree exactly
     grpo, grpo_log = start_run(base / "grpo", "run.steps=2", "algo.e3rl=false", "learner.dtype=bfloat16")
     vllm, vllm_log = start_run(base / "vllm", "run.steps=2", "gen.backend=vllm", "gen.vllm.kv_cache_gib=0.25",
+                               "resources.weight_sync=collective",
                                f"reward.fn={REWARD_FN}", "heal.threshold_k=0", "heal.history_weight=0",
                                "heal.penalty_scale=0", "learner.dtype=float32")
     finish(e3, e3_log)
@@ -209,8 +211,9 @@ def test_grpo_baseline_switch(runs):
 
 
 def test_vllm_backend_heals_and_takes_the_learners_weights(runs):
-    """The whole loop on vLLM: rewinds happen and reuse the prefix cache; after each weight sync the
-    engine's log-probs are the fp32 learner's (a head or layer left unloaded would show here)."""
+    """The whole loop on vLLM: rewinds happen and reuse the prefix cache; after each weight sync (the
+    collective stream) the engine's log-probs are the fp32 learner's (a head or layer left
+    unloaded, or a sync that left stale weights, would show here)."""
     out = runs["vllm"]
     s = json.loads((out / "summary.json").read_text())
     rows = step_rows(out)
