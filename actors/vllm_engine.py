@@ -120,10 +120,6 @@ class VllmEngine:
                                skip_special_tokens=False)
                 for r in requests]
 
-    def load_weights(self, state_dict: dict) -> None:
-        """Load an HF state dict in place, then drop every cached block (see `load_weights_stream`)."""
-        self.load_weights_stream(state_dict.items())
-
     def load_weights_stream(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors in place as they arrive, then drop every cached block: none computed
         under the old weights may be reused. A tied LM head the stream omits (state dicts and our

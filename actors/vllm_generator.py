@@ -77,8 +77,7 @@ class VllmGenerator:
     # ------------------------------------------------------------ public API
     def load_weights(self, state_dict: dict, version: int) -> None:
         """Load HF-named weights into the engine in place (tied weights may be absent) and reset its prefix cache."""
-        self.engine.load_weights(state_dict)
-        self.policy_version = version
+        self.receive_weights(state_dict.items(), version)
 
     def receive_weights(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Stream (name, tensor) pairs into the engine as they arrive (vLLM's reload consumes an
