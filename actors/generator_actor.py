@@ -160,6 +160,12 @@ class GeneratorWorker:
     def policy_version(self) -> int:
         return self.generator.policy_version
 
+    def weights_dtype(self) -> str:
+        """The dtype this generator's model computes in ("bfloat16"): what a weight sync sends."""
+        g = self.generator
+        dtype = g.engine.dtype if hasattr(g, "engine") else next(g.model.parameters()).dtype
+        return str(dtype).removeprefix("torch.")
+
     def model_state(self) -> dict:
         """Inspection (HF backend): the model's state dict as CPU tensors."""
         return {k: v.detach().cpu() for k, v in self.generator.model.state_dict().items()}

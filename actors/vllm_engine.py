@@ -66,6 +66,7 @@ class VllmEngine:
         from vllm import LLM
 
         on_gpu = device.type == "cuda"
+        self.dtype = dtype
         self.block_size = cfg.block_size or (16 if on_gpu else 32)
         kw: dict = {}
         if cfg.kv_cache_gib or not on_gpu:

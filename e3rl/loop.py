@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 import ray
 
 from e3rl.batching import DynamicSampling, NextBatch, collect_batch
+from e3rl.weight_sync import SyncReport, sync_through_object_store
 
 
 @dataclass
@@ -60,18 +61,16 @@ class Hooks:
     trace: Callable[[int, list], None] = lambda step, refs: None  # (step, trajectory refs) after training
 
 
-def sync_weights(roles: Roles) -> int:
+def sync_weights(roles: Roles) -> SyncReport:
     if roles.sync is not None:  # resources.weight_sync: collective (e3rl.weight_sync)
         return roles.sync()
-    handle = roles.learner.publish_weights()
-    roles.generators.load_weights(handle.ref, handle.version)
-    return handle.version
+    return sync_through_object_store(roles.learner, roles.generators)
 
 
 def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int, save_every: int,
           hooks: Hooks, sampling: DynamicSampling = DynamicSampling()) -> LoopState:
     """Run steps state.step+1 .. steps; returns the final state (also updated in place)."""
-    state.version = sync_weights(roles)
+    state.version = sync_weights(roles).version
     while state.step < steps and not hooks.should_stop():
         t = PhaseTimer()
         batch = collect_batch(roles.generators, hooks.next_batch, state.step, seed * 100_003 + state.step,
@@ -83,13 +82,14 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
         with t("train"):
             learn = roles.learner.train_step(item.refs)
         with t("sync"):
-            state.version = sync_weights(roles)
+            synced = sync_weights(roles)
+        state.version = synced.version
         state.history = asdict(roles.generators.history)
         state.step += 1
         state.samples += batch.generated_samples
         hooks.trace(state.step, item.refs)
-        metrics = batch.metrics | learn | t.as_metrics() | {"sync/policy_version": float(state.version),
-                                                            "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
+        metrics = batch.metrics | learn | t.as_metrics() | synced.metrics() | {
+            "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
         if eval_every and state.step % eval_every == 0 and state.step < steps:
             metrics |= hooks.evaluate(state.step)
         hooks.log(state.step, metrics)  # then the checkpoint: a crash between them redoes and re-logs the step

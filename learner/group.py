@@ -113,23 +113,30 @@ class LearnerGroup:
         """Gather on rank 0, one ray.put; generators `ray.get(handle.ref)` (see learner.weights)."""
         return self._all("publish_weights")[0]
 
-    def sync_address(self, world_size: int, epoch: int, timeout_s: float) -> GroupAddress:
-        """Where the sync group's epoch meets: learner rank 0's node (it serves the store) and a port
-        kept for the group's life (a re-formed epoch reuses it)."""
+    def sync_address(self, world_size: int, timeout_s: float) -> GroupAddress:
+        """A new epoch of the sync group: learner rank 0's node (it serves the store), a port kept
+        for the group's life, and an epoch number never handed out before on that port. The epoch
+        names the store keys the members rendezvous under, so it must be unique per store, not
+        per caller: two callers counting their own epochs (a re-created `CollectiveSync`, a bench
+        with a second set of generators) met under one epoch's stale keys, and gloo's full-mesh
+        connect then waited on members that had left."""
         if getattr(self, "_sync_port", None) is None:
             self._sync_host, self._sync_port = ray.get(self.workers[0].master_address.remote())
-        return GroupAddress(self._sync_host, self._sync_port, world_size, epoch, timeout_s)
+            self._sync_epoch = 0
+        self._sync_epoch += 1
+        return GroupAddress(self._sync_host, self._sync_port, world_size, self._sync_epoch, timeout_s)
 
-    def send_weights(self, address: GroupAddress, bucket_bytes: int) -> list:
-        """Start streaming the policy into the sync group (every rank gathers, rank 0 sends);
-        -> the ranks' refs: the caller starts the receivers, then gets rank 0's result."""
-        return [w.send_weights.remote(address, bucket_bytes) for w in self.workers]
+    def send_weights(self, address: GroupAddress, bucket_bytes: int, cast: Optional[str] = None) -> list:
+        """Start streaming the policy into the sync group (every rank gathers, rank 0 sends; `cast`:
+        the generators' dtype); -> the ranks' refs: the caller starts the receivers, then gets rank
+        0's result."""
+        return [w.send_weights.remote(address, bucket_bytes, cast) for w in self.workers]
 
     def policy_version(self) -> int:
         return ray.get(self.workers[0].policy_version.remote())
 
-    def sync_specs(self) -> list:
-        return ray.get(self.workers[0].sync_specs.remote())
+    def sync_specs(self, cast: Optional[str] = None) -> list:
+        return ray.get(self.workers[0].sync_specs.remote(cast))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")[0]

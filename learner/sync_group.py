@@ -70,11 +70,27 @@ def plan_buckets(specs: Sequence[tuple[str, tuple, torch.dtype]], bucket_bytes: 
     return buckets
 
 
+def empty_buffers(bucket: Bucket, device: torch.device) -> dict:
+    """The bucket's flat buffers (dtype -> 1-D tensor), uninitialised."""
+    return {d: torch.empty(n, dtype=d, device=device) for d, n in bucket.sizes.items()}
+
+
+def slot_writer(bucket: Bucket, flat: dict) -> "callable":
+    """-> write(name, tensor): copy one tensor into its slot (casting to the slot's dtype)."""
+    slots = {s.name: s for s in bucket.slots}
+
+    def write(name: str, t: torch.Tensor) -> None:
+        s = slots[name]
+        flat[s.dtype][s.offset : s.offset + s.numel].copy_(t.reshape(-1))
+    return write
+
+
 def pack(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device) -> dict:
-    """The bucket's flat buffers (dtype -> 1-D tensor) filled from `tensors`."""
-    flat = {d: torch.empty(n, dtype=d, device=device) for d, n in bucket.sizes.items()}
+    """The bucket's flat buffers filled from `tensors`."""
+    flat = empty_buffers(bucket, device)
+    write = slot_writer(bucket, flat)
     for s in bucket.slots:
-        flat[s.dtype][s.offset : s.offset + s.numel].copy_(tensors[s.name].reshape(-1))
+        write(s.name, tensors[s.name])
     return flat
 
 
@@ -127,28 +143,66 @@ class SyncGroup:
         else:
             self.pg = dist.ProcessGroupGloo(store, rank, address.world_size, timeout)
 
-    def broadcast(self, flat: dict) -> None:
-        """Broadcast each dtype's flat buffer from rank 0 (in place on receivers); raises on a
-        dead or hung member instead of waiting for it."""
+    def start_broadcast(self, flat: dict) -> list:
+        """Start broadcasting each dtype's flat buffer from rank 0 (in place on receivers) ->
+        the works to wait on; a wait raises on a dead or hung member instead of blocking."""
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        for d in sorted(flat, key=str):
-            self.pg.broadcast([flat[d]], opts).wait()
+        return [self.pg.broadcast([flat[d]], opts) for d in sorted(flat, key=str)]
+
+    def broadcast(self, flat: dict) -> None:
+        for w in self.start_broadcast(flat):
+            w.wait()
 
     def send(self, buckets: Sequence[Bucket], tensors_for: "callable") -> int:
-        """Rank 0: for each bucket, `tensors_for(bucket)` -> {name: tensor}; pack, broadcast, free.
-        -> bytes sent."""
-        sent = 0
+        """Rank 0: for each bucket, `tensors_for(bucket)` -> {name: tensor}; pack and broadcast,
+        the next bucket packed while this one travels. -> bytes sent."""
+        sender = PipelinedSender(self)
         for b in buckets:
-            flat = pack(b, tensors_for(b), self.device)
-            self.broadcast(flat)
-            sent += b.nbytes
-            del flat
-        return sent
+            sender.push(pack(b, tensors_for(b), self.device), b.nbytes)
+        sender.flush()
+        return sender.sent
 
     def receive(self, buckets: Sequence[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
-        """A receiver: (name, tensor) pairs as each bucket arrives (valid until the next bucket)."""
+        """A receiver: (name, tensor) pairs as each bucket arrives (valid until the next bucket
+        is consumed). The next bucket's transfer is already under way into a second buffer while
+        the caller loads this one: loading and the network overlap, two buckets at most."""
+        pending = None  # (bucket, flat, works) in flight
         for b in buckets:
-            flat = {d: torch.empty(n, dtype=d, device=self.device) for d, n in b.sizes.items()}
-            self.broadcast(flat)
-            yield from unpack(b, flat)
+            flat = empty_buffers(b, self.device)
+            works = self.start_broadcast(flat)
+            if pending is not None:
+                yield from self._landed(*pending)
+            pending = (b, flat, works)
+        if pending is not None:
+            yield from self._landed(*pending)
+
+    @staticmethod
+    def _landed(bucket: Bucket, flat: dict, works: list) -> Iterator[tuple[str, torch.Tensor]]:
+        for w in works:
+            w.wait()
+        yield from unpack(bucket, flat)
+
+
+class PipelinedSender:
+    """Rank 0's side of a stream: one bucket in flight while the caller fills the next (two
+    buffers at most). Gathering from the shards and the broadcast then overlap instead of
+    taking turns."""
+
+    def __init__(self, group: SyncGroup):
+        self.group, self.pending, self.sent = group, None, 0
+
+    def push(self, flat: dict, nbytes: int) -> None:
+        """Wait for the bucket in flight (raises if it failed), then start this one."""
+        self.flush()
+        self.pending = (self.group.start_broadcast(flat), flat, nbytes)
+
+    def flush(self) -> None:
+        """Wait for the bucket in flight, if any."""
+        if self.pending is None:
+            return
+        works, _, nbytes = self.pending
+        self.pending = None
+        for w in works:
+            w.wait()
+        self.sent += nbytes

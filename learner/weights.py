@@ -10,7 +10,7 @@ behind the same two calls (see docs/weight_sync.md for the trade-off).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def _is_zero3(t: torch.Tensor) -> bool:
     return hasattr(t, "ds_id")
 
 
-def _distinct(module: nn.Module) -> dict[str, torch.Tensor]:
+def distinct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's state-dict tensors, each once (tied weights under their first name)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -82,27 +82,32 @@ def _distinct(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def state_specs(module: nn.Module, master: bool = False) -> list[tuple[str, tuple, torch.dtype]]:
+def state_specs(module: nn.Module, master: bool = False,
+                cast: Optional[torch.dtype] = None) -> list[tuple[str, tuple, torch.dtype]]:
     """(name, full shape, published dtype) of each distinct tensor, in state-dict order: what a
     receiver needs to plan the same buckets (`learner.sync_group.plan_buckets`). `master`: trained
-    parameters are published as their fp32 master copies."""
-    return [(n, tuple(t.ds_shape if _is_zero3(t) else t.shape),
-             torch.float32 if master and t.requires_grad else t.dtype)
-            for n, t in _distinct(module).items()]
+    parameters are published as their fp32 master copies. `cast`: floating tensors are published
+    in this dtype instead (the generators' own: bf16 generators need half the bytes, and rounding
+    here is the same round-to-nearest their load would do)."""
+    def published(t: torch.Tensor) -> torch.dtype:
+        if cast is not None and t.is_floating_point():
+            return cast
+        return torch.float32 if master and t.requires_grad else t.dtype
+
+    return [(n, tuple(t.ds_shape if _is_zero3(t) else t.shape), published(t)) for n, t in distinct_tensors(module).items()]
 
 
-def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0, master: bool = False,
-                 device: torch.device = torch.device("cpu")) -> Optional[dict[str, torch.Tensor]]:
-    """The full tensors `names` (distinct state-dict names) on rank 0, copied to `device` (CPU for
-    the object store; the GPU for an NCCL sync); None elsewhere.
+def gather_each(tensors: dict[str, torch.Tensor], rank: int, master: bool,
+                emit: Callable[[str, torch.Tensor], None]) -> None:
+    """Call `emit(name, full tensor)` on rank 0 for each of `tensors` (distinct state-dict tensors
+    of a possibly ZeRO-3 partitioned module); the tensor is valid only during the call, so `emit`
+    copies what it keeps — straight into a sync bucket, say, which saves the copy a gathered dict
+    would cost.
 
     Collective under ZeRO-3: every rank calls it with the same names. Peak extra memory is these
     tensors. `master`: trained parameters come from the optimizer's fp32 master copies (bf16 mixed
     precision: the module holds only their bf16 roundings, which must never be published).
     """
-    named = _distinct(module)
-    tensors = {n: named[n] for n in names}
-    cpu: dict[str, torch.Tensor] = {}
     done: set[str] = set()  # the same on every rank, so the collectives below match
     if master:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -114,7 +119,8 @@ def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0, master:
             if full is not None:
                 done.add(n)
                 if rank == 0:
-                    cpu[n] = full.detach().to(device, copy=True).view(t.ds_shape if _is_zero3(t) else t.shape)
+                    emit(n, full.detach().view(t.ds_shape if _is_zero3(t) else t.shape))
+                del full
     sharded = {n: t for n, t in tensors.items() if _is_zero3(t) and n not in done}
     if sharded:
         import deepspeed
@@ -122,13 +128,21 @@ def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0, master:
         with deepspeed.zero.GatheredParameters(list(sharded.values()), modifier_rank=None):
             if rank == 0:
                 for n, t in sharded.items():
-                    cpu[n] = t.detach().to(device, copy=True)
-    if rank != 0:
-        return None
-    for n, t in tensors.items():
-        if n not in cpu:
-            cpu[n] = t.detach().to(device, copy=True)
-    return cpu
+                    emit(n, t.detach())
+    if rank == 0:
+        for n, t in tensors.items():
+            if n not in done and n not in sharded:
+                emit(n, t.detach())
+
+
+def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0, master: bool = False,
+                 device: torch.device = torch.device("cpu")) -> Optional[dict[str, torch.Tensor]]:
+    """The full tensors `names` (distinct state-dict names) on rank 0, copied to `device`; None
+    elsewhere. Collective under ZeRO-3 (see `gather_each`)."""
+    named = distinct_tensors(module)
+    out: dict[str, torch.Tensor] = {}
+    gather_each({n: named[n] for n in names}, rank, master, lambda n, t: out.__setitem__(n, t.to(device, copy=True)))
+    return out if rank == 0 else None
 
 
 def gather_state_dict(module: nn.Module, rank: int = 0, bucket_bytes: int = BUCKET_BYTES,

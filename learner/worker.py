@@ -47,13 +47,18 @@ from learner.stream_batch import (StreamBatch, StreamPolicy, collate, logprobs_a
 from learner.precision import learner_dtype
 from learner.step_stats import StepSums
 from learner.updates import Update, freeze_batches, plan_updates
-from learner.sync_group import GroupAddress, SyncGroup, pack, plan_buckets
-from learner.weights import (BUCKET_BYTES, ObjectStoreWeightSync, WeightHandle, WeightSync, gather_named,
-                             gather_state_dict, set_fp32_masters, state_specs)
+from learner.sync_group import GroupAddress, PipelinedSender, SyncGroup, empty_buffers, plan_buckets, slot_writer
+from learner.weights import (BUCKET_BYTES, ObjectStoreWeightSync, WeightHandle, WeightSync, distinct_tensors,
+                             gather_each, gather_state_dict, set_fp32_masters, state_specs)
 
 
 TRUNCATED = ("length", "stream_cap")
 """Finish reasons of a sample cut by a length limit (what overlong filtering masks)."""
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """A dtype named across Ray ("bfloat16"), or None."""
+    return getattr(torch, name) if name else None
 
 
 def free_port() -> int:
@@ -371,40 +376,56 @@ class LearnerWorker:
         state = self.state_dict()
         return (sync or ObjectStoreWeightSync()).publish(state, self.version) if self.rank == 0 else None
 
-    def send_weights(self, address: GroupAddress, bucket_bytes: int = BUCKET_BYTES) -> Optional[dict[str, Any]]:
-        """Collective: stream the policy to the sync group bucket by bucket (every rank gathers each
-        bucket from its ZeRO-3 partitions, rank 0 broadcasts and frees it), so no rank holds more
-        than a bucket beyond its shard. A broadcast that fails (a generator died or hung) stops
-        rank 0 sending but not gathering: the other ranks' collectives must still match.
-        -> on rank 0 {version, bytes, seconds, error}."""
+    def send_weights(self, address: GroupAddress, bucket_bytes: int = BUCKET_BYTES,
+                     cast: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """Collective: stream the policy to the sync group bucket by bucket. Every rank gathers
+        each bucket from its ZeRO-3 partitions; rank 0 writes it straight into the bucket's buffer
+        and broadcasts it while the next one is gathered, so no rank holds more than two buckets
+        beyond its shard. `cast`: the generators' dtype (see `state_specs`). A broadcast that
+        fails (a generator died or hung) stops rank 0 sending but not gathering: the other ranks'
+        collectives must still match. -> on rank 0 {version, bytes, seconds, gather_s, send_s, error}."""
         t0 = time.perf_counter()
         lm = self.engine.module.lm
-        plan = plan_buckets(state_specs(lm, self.bf16), bucket_bytes)
-        group, sent, error = None, 0, ""
+        named = distinct_tensors(lm)
+        plan = plan_buckets(state_specs(lm, self.bf16, _dtype(cast)), bucket_bytes)
+        sender, error, gather_s, send_s = None, "", 0.0, 0.0
         if self.rank == 0:
             try:
-                group = self._sync_group(address)
+                sender = PipelinedSender(self._sync_group(address))
             except (RuntimeError, TimeoutError) as e:
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         for bucket in plan:
-            part = gather_named(lm, [s.name for s in bucket.slots], self.rank, self.bf16, self.device)
-            if group is not None and not error:
+            flat = empty_buffers(bucket, self.device) if sender is not None and not error else None
+            t = time.perf_counter()
+            gather_each({s.name: named[s.name] for s in bucket.slots}, self.rank, self.bf16,
+                        slot_writer(bucket, flat) if flat is not None else lambda n, x: None)
+            gather_s += time.perf_counter() - t
+            if flat is not None:
+                t = time.perf_counter()
                 try:
-                    group.broadcast(pack(bucket, part, self.device))
-                    sent += bucket.nbytes
+                    sender.push(flat, bucket.nbytes)
                 except RuntimeError as e:
                     error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            del part
+                send_s += time.perf_counter() - t
+            del flat
+        if sender is not None and not error:
+            t = time.perf_counter()
+            try:
+                sender.flush()
+            except RuntimeError as e:
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            send_s += time.perf_counter() - t
         if self.rank != 0:
             return None
-        return {"version": self.version, "bytes": sent, "seconds": time.perf_counter() - t0, "error": error}
+        return {"version": self.version, "bytes": sender.sent if sender else 0, "seconds": time.perf_counter() - t0,
+                "gather_s": gather_s, "send_s": send_s, "error": error}
 
     def policy_version(self) -> int:
         return self.version
 
-    def sync_specs(self) -> list:
+    def sync_specs(self, cast: Optional[str] = None) -> list:
         """(name, shape, dtype) of what `send_weights` sends, for receivers to plan the same buckets."""
-        return state_specs(self.engine.module.lm, self.bf16)
+        return state_specs(self.engine.module.lm, self.bf16, _dtype(cast))
 
     def _sync_group(self, address: GroupAddress) -> SyncGroup:
         """Rank 0's member of the sync group's current epoch (one store per port, reused by epochs)."""

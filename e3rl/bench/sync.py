@@ -109,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0 = time.perf_counter()
             sync()
             first = time.perf_counter() - t0
+            parts = [sync() for _ in range(args.repeats)]
 
             def via_store():
                 h = learner.publish_weights()
@@ -124,7 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "collective_first_s": round(first, 4), "raw_broadcast_s": round(raw, 4),
                          "collective_vs_raw": round(collective / raw, 2), "object_store_s": round(store, 4),
                          "object_store_floor_s": round(floor, 4), "object_store_vs_floor": round(store / floor, 2),
-                         "fallbacks": sync.fallbacks})
+                         "gather_s": round(statistics.median(p.gather_s for p in parts), 4),
+                         "send_s": round(statistics.median(p.send_s for p in parts), 4),
+                         "failed_epochs": sync.failed_epochs, "fallbacks": sync.fallbacks})
             gens.shutdown()
         learner.shutdown()
     finally:

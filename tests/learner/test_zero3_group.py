@@ -178,7 +178,7 @@ def test_weights_stream_from_the_zero3_shards_into_a_generator_bit_for_bit(env):
         specs = env.group.sync_specs()
         total = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for _, shape, dtype in specs)
         bucket = total // 10
-        address = env.group.sync_address(world_size=2, epoch=1, timeout_s=30.0)
+        address = env.group.sync_address(world_size=2, timeout_s=30.0)
         sends = env.group.send_weights(address, bucket)
         version = ray.get(gen.receive_weights.remote(address, 1, specs, bucket, 41))
         sent = ray.get(sends)[0]
