@@ -15,7 +15,7 @@ import dataclasses
 import os
 import random
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import ray
 import torch
@@ -79,6 +79,7 @@ class GeneratorWorker:
         self.generator = build_generator(cfg, seed, threads)
         self.scorer = Scorer(cfg.reward)  # worker processes, reused across steps
         self.batches = 0
+        self.syncs = 0  # weight syncs begun (run.fault.generator_die_in_sync)
         self._fault_rng = random.Random(seed)
 
     def torch_threads(self) -> int:
@@ -88,6 +89,9 @@ class GeneratorWorker:
         """Load a state dict (or a ref to one) unless this version is already loaded. True if loaded."""
         if version == self.generator.policy_version:
             return False
+        self.syncs += 1
+        if self.syncs - 1 == self.cfg.run.fault.generator_die_in_sync and not self._reconstructed():
+            os._exit(1)
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)
         self.generator.load_weights(weights, version)
@@ -103,7 +107,11 @@ class GeneratorWorker:
             if g is None or g.address != address:
                 self._sync = None
                 self._sync = g = SyncGroup(address, rank, resolve_device(self.cfg.model.device))
-            self.generator.receive_weights(g.receive(plan_buckets(specs, bucket_bytes)), version)
+            stream = g.receive(plan_buckets(specs, bucket_bytes))
+            self.syncs += 1
+            if self.syncs - 1 == self.cfg.run.fault.generator_die_in_sync and not self._reconstructed():
+                stream = _exit_after_first_bucket(stream, plan_buckets(specs, bucket_bytes)[0])
+            self.generator.receive_weights(stream, version)
         except (RuntimeError, TimeoutError):  # forming or receiving failed: the driver re-forms or falls back
             self._sync = None
             return -1
@@ -149,11 +157,16 @@ class GeneratorWorker:
         return trajs, stats | {ACCEPTED_KEY: accepted_uncertainties(trajs),
                                OUTCOMES_KEY: group_outcomes(trajs) if problems else []}
 
+    @staticmethod
+    def _reconstructed() -> bool:
+        """A restarted actor injects no fault: it must be able to finish what its death interrupted."""
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+
     def _maybe_fail(self) -> None:
         """Fault injection (run.fault.*) for reliability tests: exit the actor process."""
         f = self.cfg.run.fault
-        if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
-            return  # inject once: the restarted actor must be able to finish the shard
+        if self._reconstructed():
+            return
         if (0 <= f.generator_die_after <= self.batches) or (f.generator_die_prob and self._fault_rng.random() < f.generator_die_prob):
             os._exit(1)
 
@@ -172,6 +185,15 @@ class GeneratorWorker:
 
     def stats(self) -> dict:
         return dict(self.generator.stats)
+
+
+def _exit_after_first_bucket(stream, first) -> Iterator:
+    """Fault injection: pass the first bucket's tensors on (the model is then half-updated), then
+    exit the process, as a generator that dies in the middle of a sync would."""
+    for i, item in enumerate(stream):
+        yield item
+        if i + 1 == len(first.slots):
+            os._exit(1)
 
 
 def make_generator_actor(cfg: Config, num_gpus: float = 0.0, num_cpus: float = 1.0, seed: int = 0,

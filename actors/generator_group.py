@@ -86,7 +86,14 @@ class GeneratorGroup:
         """Every actor (or those in `which`) loads the same object-store copy (Ray fans it out,
         across nodes too)."""
         self._weights = (weights_ref, version)
-        ray.get([self.actors[i].load_weights.remote(weights_ref, version) for i in which or range(len(self.actors))])
+        which = range(len(self.actors)) if which is None else which
+        calls = {i: self.actors[i].load_weights.remote(weights_ref, version) for i in which}
+        for i, call in calls.items():
+            try:
+                ray.get(call)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self.wait_alive([i])  # died while loading: Ray restarts it, and it loads again
+                ray.get(self.actors[i].load_weights.remote(weights_ref, version))
 
     def generate(self, problems: Sequence[Problem], prompts: Sequence[list[int]], group_ids: Sequence[int],
                  group_size: Optional[int] = None, heal: Optional[bool] = None,

@@ -298,12 +298,12 @@ class LearnerConfig:
 class ResourcesConfig:
     address: str = ""
     """Ray cluster address; empty = $RAY_ADDRESS, else an embedded local Ray."""
-    weight_sync: Literal["collective", "object_store"] = "object_store"
+    weight_sync: Literal["collective", "object_store"] = "collective"
     """How new weights reach the generators: `collective` streams them bucket by bucket from the
     ZeRO-3 shards over a group of learner rank 0 and the generators (NCCL on GPU, gloo on CPU; no
     full copy on the learner); `object_store` gathers them on rank 0 and `ray.put`s them once
-    (also the collective path's fallback). `collective` is opt-in until its bench runs clean on
-    the real model (docs/weight_sync.md)."""
+    (also the collective path's fallback, and for generators that cannot reach learner rank 0's
+    port). See docs/weight_sync.md."""
     sync_bucket_mb: float = 64.0
     """Collective sync: bytes per broadcast bucket (the learner's extra memory during a sync)."""
     sync_timeout_s: float = 120.0
@@ -349,6 +349,9 @@ class FaultConfig:
     """Testing: a generator actor exits after this many batches (-1 = never)."""
     generator_die_prob: float = 0.0
     """Testing: probability that a generator actor exits at a batch."""
+    generator_die_in_sync: int = -1
+    """Testing: a generator actor exits in the middle of its weight sync with this index (0 = the
+    first, at start; after its first bucket of a collective sync; -1 = never)."""
     nan_loss_after: int = -1
     """Testing: the learner's loss is NaN from its optimizer step with this index on (-1 = never)."""
 

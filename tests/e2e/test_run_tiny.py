@@ -4,10 +4,11 @@ Three runs, started together to share the wall clock (each is mostly Ray/actor s
 - E3RL with self-healing forced aggressive (threshold_k=0, no history, no erase penalty) and a
   reward with in-group variance (`length_reward` below: the tiny random model never solves a task,
   so the default reward is all 0, every advantage 0 and training would not move a weight);
+  its weights streamed over the sync group (`resources.weight_sync: collective`, the default);
 - plain GRPO (`algo.e3rl=false`): no rewinds, uniform allocation, the learner in bf16 mixed precision
-  (the E3RL run keeps fp32, so its generator and learner log-probs must agree exactly);
-- E3RL as the first, on the vLLM backend (`gen.backend=vllm`), fp32 on both sides, its weights
-  streamed over the sync group (`resources.weight_sync=collective`).
+  (the E3RL run keeps fp32, so its generator and learner log-probs must agree exactly), weights
+  through the object store (`resources.weight_sync=object_store`);
+- E3RL as the first, on the vLLM backend (`gen.backend=vllm`), fp32 on both sides, collective sync.
 Each subprocess gets its own embedded Ray (RAY_AUTH_MODE=disabled, RAY_ADDRESS unset).
 """
 from __future__ import annotations
@@ -69,9 +70,9 @@ def runs(tmp_path_factory):
     e3, e3_log = start_run(base / "e3rl", "run.steps=3", "run.save_every=1", f"reward.fn={REWARD_FN}",
                            "heal.threshold_k=0", "heal.history_weight=0", "heal.penalty_scale=0",
                            "learner.dtype=float32")  # fp32 like the generator: log-probs must agree exactly
-    grpo, grpo_log = start_run(base / "grpo", "run.steps=2", "algo.e3rl=false", "learner.dtype=bfloat16")
+    grpo, grpo_log = start_run(base / "grpo", "run.steps=2", "algo.e3rl=false", "learner.dtype=bfloat16",
+                               "resources.weight_sync=object_store")
     vllm, vllm_log = start_run(base / "vllm", "run.steps=2", "gen.backend=vllm", "gen.vllm.kv_cache_gib=0.25",
-                               "resources.weight_sync=collective",
                                f"reward.fn={REWARD_FN}", "heal.threshold_k=0", "heal.history_weight=0",
                                "heal.penalty_scale=0", "learner.dtype=float32")
     finish(e3, e3_log)
@@ -100,6 +101,9 @@ def test_summary_and_metrics(runs):
     assert s["reward_first"] > 0  # the test reward is live
     assert [r["sync/policy_version"] for r in rows] == [1.0, 2.0, 3.0]
     assert [r["learner/version"] for r in rows] == [1.0, 2.0, 3.0]
+    # streamed over the sync group, first try; the fp32 policy's bytes (tiny.yaml: 12.9 MB)
+    assert all(r["sync/collective"] == 1.0 and r["sync/retries"] == 0.0 for r in rows)
+    assert all(r["sync/bytes"] == rows[0]["sync/bytes"] > 10e6 for r in rows)
     for r in rows:
         assert math.isfinite(r["learner/loss"])
         assert r["learner/skipped"] == 0.0 and r["learner/nonfinite_loss"] == 0.0
@@ -206,6 +210,7 @@ def test_grpo_baseline_switch(runs):
     # average -12, measured mean |diff| ~0.02), and the published weights are the fp32 masters
     assert all(0 < r["learner/logp_diff_mean"] < 0.05 for r in rows)
     assert [r["sync/policy_version"] for r in rows] == [1.0, 2.0]
+    assert all(r["sync/collective"] == 0.0 for r in rows)  # resources.weight_sync=object_store
     assert s["eval_before"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0
     assert s["eval_after"]["eval/gym:chain_sum/rewinds_per_sample"] == 0.0
 

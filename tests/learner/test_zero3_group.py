@@ -164,7 +164,13 @@ def test_weights_stream_from_the_zero3_shards_into_a_generator_bit_for_bit(env):
     """The collective sync end to end on Ray: two ZeRO-3 ranks gather each bucket (a tenth of the
     model) from their shards, rank 0 broadcasts it over the gloo sync group, and a generator actor
     (HF backend) loads it as it arrives: its weights equal the learner's gathered ones bit for bit,
-    tied embedding included, and it reports the version."""
+    tied embedding included, and it reports the version.
+
+    First, an epoch that cannot form (a third member never comes): both sides report the failure
+    after the join timeout instead of raising, and the next epoch on the same store forms cleanly
+    (its rendezvous does not count the failed epoch's arrivals)."""
+    import dataclasses
+
     import ray
 
     from actors.generator_actor import make_generator_actor
@@ -178,7 +184,16 @@ def test_weights_stream_from_the_zero3_shards_into_a_generator_bit_for_bit(env):
         specs = env.group.sync_specs()
         total = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for _, shape, dtype in specs)
         bucket = total // 10
+        ray.get(gen.policy_version.remote())  # started: it arrives within the short join timeout below
+
+        lonely = dataclasses.replace(env.group.sync_address(world_size=3, timeout_s=30.0), join_timeout_s=3.0)
+        sends = env.group.send_weights(lonely, bucket)
+        assert ray.get(gen.receive_weights.remote(lonely, 1, specs, bucket, 40)) == -1
+        failed = ray.get(sends)[0]
+        assert failed["bytes"] == 0 and "2 of 3 members arrived" in failed["error"], failed
+
         address = env.group.sync_address(world_size=2, timeout_s=30.0)
+        assert address.epoch == lonely.epoch + 1 and address.port == lonely.port
         sends = env.group.send_weights(address, bucket)
         version = ray.get(gen.receive_weights.remote(address, 1, specs, bucket, 41))
         sent = ray.get(sends)[0]
@@ -188,3 +203,24 @@ def test_weights_stream_from_the_zero3_shards_into_a_generator_bit_for_bit(env):
         assert all(torch.equal(got[k], ref[k]) for k in ref)
     finally:
         ray.kill(gen)
+
+
+def test_weights_stream_in_the_generators_dtype(env):
+    """Generators that run bf16 are sent bf16: half the bytes, and exactly the learner's weights
+    rounded the way the generator's own load would round them."""
+    import ray
+
+    specs32, specs16 = env.group.sync_specs(), env.group.sync_specs("bfloat16")
+    assert [(n, s) for n, s, _ in specs16] == [(n, s) for n, s, _ in specs32]
+    assert {d for _, _, d in specs16} == {torch.bfloat16}
+    nbytes = lambda specs: sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for _, s, d in specs)
+    assert 2 * nbytes(specs16) == nbytes(specs32)
+
+    from learner.sync_group import SyncGroup, plan_buckets
+
+    address = env.group.sync_address(world_size=2, timeout_s=30.0)
+    sends = env.group.send_weights(address, nbytes(specs16) // 4, "bfloat16")
+    got = {n: t.clone() for n, t in SyncGroup(address, 1, torch.device("cpu")).receive(plan_buckets(specs16, nbytes(specs16) // 4))}
+    assert ray.get(sends)[0]["error"] == ""
+    ref = env.group.state_dict()
+    assert all(torch.equal(got[n], ref[n].to(torch.bfloat16)) for n in got)

@@ -7,6 +7,10 @@ uninterrupted reference run of the same config and seed.
   its fourth batch (the held-out eval before training, plain then healed, step 1, then step 2):
   both die mid-rollout in step 2;
 - the generator fault on the vLLM backend: the same accounting, not bit equality (README);
+- a sync fault: `run.fault.generator_die_in_sync=1` — both generator actors exit in the middle of
+  the weight sync after step 1, after their first bucket (2 MB buckets; the model is 12.9 MB), with
+  their models half-updated: the learner's broadcast fails instead of hanging, the group is
+  re-formed with the restarted actors, and the run goes on exactly as the reference;
 - one run interrupted three ways in a row: SIGTERM (finish the step, checkpoint, exit 0), then
   resumed and killed with SIGKILL after a checkpoint, then given a torn newer checkpoint (`latest`
   pointing at it) and resumed to the end.
@@ -118,9 +122,11 @@ def runs(tmp_path_factory):
     fault, fault_log = start_run(base / "fault", *COMMON, "run.fault.generator_die_after=3")
     vllm, vllm_log = start_run(base / "fault_vllm", *COMMON, "run.fault.generator_die_after=3", "gen.backend=vllm",
                                "gen.vllm.kv_cache_gib=0.25")
+    sync_fault, sync_fault_log = start_run(base / "sync_fault", *COMMON, "run.fault.generator_die_in_sync=1",
+                                           "resources.sync_bucket_mb=2", "resources.sync_timeout_s=30")
     out = base / "resumed"
     info: dict = {"base": base, "ref": base / "ref", "fault": base / "fault", "fault_vllm": base / "fault_vllm",
-                  "resumed": out}
+                  "sync_fault": base / "sync_fault", "resumed": out}
 
     # session 1: SIGTERM once step 1 is logged; it finishes the step it is in, checkpoints, exits 0
     s1, log1 = start_run(out, *COMMON, log_name="session1")
@@ -147,7 +153,7 @@ def runs(tmp_path_factory):
     info["final_rc"], info["final_log"] = _finish(s3, log3), log3
 
     for name, (proc, log) in {"ref": (ref, ref_log), "fault": (fault, fault_log),
-                              "fault_vllm": (vllm, vllm_log)}.items():
+                              "fault_vllm": (vllm, vllm_log), "sync_fault": (sync_fault, sync_fault_log)}.items():
         info[f"{name}_rc"], info[f"{name}_log"] = _finish(proc, log), log
     # Ray's agents watch their raylet and exit within a minute or so of it (measured ~40-60 s)
     while _alive(family) and time.time() - t_kill < 120:
@@ -237,6 +243,23 @@ def test_dead_vllm_generators_are_restarted_and_no_prompt_is_lost_or_repeated(ru
     assert [rows[s]["gen/recovered_shards"] for s in sorted(rows)] == [0.0, 2.0, 2.0]
     _assert_accounting(out)
     assert json.loads((out / "summary.json").read_text())["gen_backend"] == "vllm"
+
+
+def test_generators_dying_mid_sync_rejoin_and_get_the_current_weights(runs):
+    """Both generators exit halfway through the collective sync after step 1. The learner's
+    broadcast fails (no hang: the run finishes), the group is re-formed once with the restarted
+    actors (no object-store fallback), and they sample step 2 with the current policy: the run is
+    the reference bit for bit, and so are its final weights."""
+    out = runs["sync_fault"]
+    log = runs["sync_fault_log"].read_text()
+    assert runs["sync_fault_rc"] == 0, log[-3000:]
+    assert log.count("failed; re-forming the group") == 1, log[-3000:]
+    rows = _by_step(out)
+    assert [rows[s]["sync/retries"] for s in sorted(rows)] == [1.0, 0.0, 0.0]  # the sync after step 1 (its row)
+    assert all(r["sync/collective"] == 1.0 for r in rows.values())
+    _assert_accounting(out)
+    _assert_same_trajectory(out, runs["ref"])
+    assert _max_diff(_weights(out), _weights(runs["ref"])) == 0.0
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(runs):
