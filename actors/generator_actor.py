@@ -92,9 +92,14 @@ class GeneratorWorker:
         self.syncs += 1
         if self.syncs - 1 == self.cfg.run.fault.generator_die_in_sync and not self._reconstructed():
             os._exit(1)
+        from learner.weights import FlatPolicy
+
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)
-        self.generator.load_weights(weights, version)
+        if isinstance(weights, FlatPolicy):  # published by the learner (object-store sync)
+            self.generator.receive_weights(weights.items(), version)
+        else:
+            self.generator.load_weights(weights, version)
         return True
 
     def receive_weights(self, address, rank: int, specs: list, bucket_bytes: int, version: int) -> int:

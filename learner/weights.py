@@ -10,7 +10,7 @@ behind the same two calls (see docs/weight_sync.md for the trade-off).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -27,12 +27,39 @@ class WeightHandle:
     num_bytes: int
 
 
-class WeightSync(Protocol):
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
-        """Called on learner rank 0 with a CPU state_dict; returns a handle for the generators."""
+@dataclass(frozen=True)
+class FlatPolicy:
+    """A whole policy as one flat buffer per dtype plus the plan that names its slices: what the
+    object store carries. Ray reads numpy arrays zero-copy from the object store in every process
+    of a node, while torch tensors in a pickled state dict are copied at `put` and again at every
+    `get` (measured, 540 MB: put 0.93 s and get 0.71 s per reader, vs 0.18 s and ~0 as numpy)."""
 
-    def fetch(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
-        """Called by a generator: the published state_dict (CPU tensors)."""
+    bucket: Any  # learner.sync_group.Bucket: every tensor's slot
+    arrays: dict  # dtype name -> 1-D uint8 numpy array (bf16 has no numpy dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) views into the buffers (read-only when they come from the object store:
+        load them, do not write them)."""
+        import warnings
+
+        from learner.sync_group import unpack
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            flat = {d: torch.from_numpy(self.arrays[str(d)]).view(d) for d in self.bucket.sizes}
+        yield from unpack(self.bucket, flat)
+
+
+class WeightSync(Protocol):
+    def publish(self, policy: FlatPolicy, version: int) -> WeightHandle:
+        """Called on learner rank 0 with the gathered policy; returns a handle for the generators."""
+
+    def fetch(self, handle: WeightHandle) -> FlatPolicy:
+        """Called by a generator: the published policy."""
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -48,22 +75,28 @@ class ObjectStoreWeightSync:
     and is freed once no handle references it (old versions disappear on their own).
     """
 
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
+    def publish(self, policy: FlatPolicy, version: int) -> WeightHandle:
         import ray
 
-        return WeightHandle(version=version, ref=ray.put(state), num_bytes=state_bytes(state))
+        return WeightHandle(version=version, ref=ray.put(policy), num_bytes=policy.nbytes)
 
-    def fetch(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    def fetch(self, handle: WeightHandle) -> FlatPolicy:
         import ray
 
         return ray.get(handle.ref)
 
 
 def load_weights(model: nn.Module, sync: WeightSync, handle: WeightHandle) -> int:
-    """Load a published policy into a plain (non-ZeRO) model; -> its version."""
-    state = sync.fetch(handle)
+    """Load a published policy into a plain (non-ZeRO) model (every distinct tensor; tied
+    aliases share theirs); -> its version."""
+    params = model.state_dict(keep_vars=True)
+    policy = sync.fetch(handle)
+    names = {s.name for s in policy.bucket.slots}
+    if names != set(distinct_tensors(model)):
+        raise KeyError(f"load_weights: published {len(names)} tensors, the model has {len(distinct_tensors(model))}")
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+        for name, t in policy.items():
+            params[name].copy_(t)
     return handle.version
 
 
@@ -143,6 +176,26 @@ def gather_named(module: nn.Module, names: Sequence[str], rank: int = 0, master:
     out: dict[str, torch.Tensor] = {}
     gather_each({n: named[n] for n in names}, rank, master, lambda n, t: out.__setitem__(n, t.to(device, copy=True)))
     return out if rank == 0 else None
+
+
+def gather_flat(module: nn.Module, rank: int = 0, bucket_bytes: int = BUCKET_BYTES, master: bool = False,
+                cast: Optional[torch.dtype] = None) -> Optional[FlatPolicy]:
+    """The whole policy as a `FlatPolicy` on rank 0 (None elsewhere), for the object store.
+    Collective under ZeRO-3; gathered bucket by bucket like a collective sync (the gathering's
+    peak is one bucket), each tensor copied once, straight into its slot."""
+    import numpy as np
+
+    from learner.sync_group import plan_buckets, slot_writer
+
+    specs = state_specs(module, master, cast)
+    whole = plan_buckets(specs, 2**62)[0]
+    flat = {d: np.empty(n * torch.empty(0, dtype=d).element_size(), dtype=np.uint8) for d, n in whole.sizes.items()} \
+        if rank == 0 else {}
+    write = slot_writer(whole, {d: torch.from_numpy(a).view(d) for d, a in flat.items()}) if rank == 0 else None
+    named = distinct_tensors(module)
+    for bucket in plan_buckets(specs, bucket_bytes):
+        gather_each({s.name: named[s.name] for s in bucket.slots}, rank, master, write or (lambda n, t: None))
+    return FlatPolicy(whole, {str(d): a for d, a in flat.items()}) if rank == 0 else None
 
 
 def gather_state_dict(module: nn.Module, rank: int = 0, bucket_bytes: int = BUCKET_BYTES,

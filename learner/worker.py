@@ -49,7 +49,7 @@ from learner.step_stats import StepSums
 from learner.updates import Update, freeze_batches, plan_updates
 from learner.sync_group import GroupAddress, PipelinedSender, SyncGroup, empty_buffers, plan_buckets, slot_writer
 from learner.weights import (BUCKET_BYTES, ObjectStoreWeightSync, WeightHandle, WeightSync, distinct_tensors,
-                             gather_each, gather_state_dict, set_fp32_masters, state_specs)
+                             gather_each, gather_flat, gather_state_dict, set_fp32_masters, state_specs)
 
 
 TRUNCATED = ("length", "stream_cap")
@@ -372,9 +372,10 @@ class LearnerWorker:
         return gather_state_dict(self.engine.module.lm, self.rank, master=self.bf16)
 
     def publish_weights(self, sync: Optional[WeightSync] = None) -> Optional[WeightHandle]:
-        """Collective: gather on rank 0 and publish once with the policy version."""
-        state = self.state_dict()
-        return (sync or ObjectStoreWeightSync()).publish(state, self.version) if self.rank == 0 else None
+        """Collective: gather the policy into flat buffers on rank 0 and publish them once with
+        the policy version."""
+        policy = gather_flat(self.engine.module.lm, self.rank, master=self.bf16)
+        return (sync or ObjectStoreWeightSync()).publish(policy, self.version) if self.rank == 0 else None
 
     def send_weights(self, address: GroupAddress, bucket_bytes: int = BUCKET_BYTES,
                      cast: Optional[str] = None) -> Optional[dict[str, Any]]:

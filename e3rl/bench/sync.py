@@ -7,7 +7,8 @@ One ZeRO-3 learner rank and N generator actors (HF backend) on the embedded defa
 - `object_store`: gather the whole state dict, one `ray.put`, every generator `ray.get`s and loads;
 - the floors: a raw `broadcast` of the same bytes in the same buckets between N + 1 bare actors on
   a sync group (no gather, no load), and one `ray.put` + `ray.get` of the same bytes.
-Medians over `--repeats` calls.
+Medians over `--repeats` calls. And learner rank 0's peak RSS above its resting RSS during one
+sync of each transport (Linux's resettable high-water mark), next to the model's size.
 """
 from __future__ import annotations
 
@@ -42,6 +43,32 @@ class RawPeer:
         return time.perf_counter() - t0
 
 
+def _reset_peak_rss(_worker=None) -> int:
+    """Reset this process's peak RSS (Linux: /proc/self/clear_refs "5") -> its RSS now, bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def _peak_rss(_worker=None) -> int:
+    """This process's peak RSS since the last reset, bytes."""
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _extra_peak_rss(worker, fn) -> int:
+    """How far learner rank 0's RSS rose above where it stood while `fn` ran (bytes)."""
+    import ray
+
+    base = ray.get(worker.__ray_call__.remote(_reset_peak_rss))
+    fn()
+    return ray.get(worker.__ray_call__.remote(_peak_rss)) - base
+
+
 def _median_s(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -73,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default="")
     ap.add_argument("--model", choices=("default", "toy"), default="default")
     ap.add_argument("--generators", default="1,2,4")
-    ap.add_argument("--bucket-mb", type=float, default=32.0)
+    ap.add_argument("--bucket-mb", type=float, default=32.0,
+                    help="collective bucket (the default is under a tenth of SmolLM2-135M's 513 MB in fp32)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(list(argv or []))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -119,6 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             collective = _median_s(sync, args.repeats)
             store = _median_s(via_store, args.repeats)
             nbytes = via_store().num_bytes
+            rss_collective = _extra_peak_rss(learner.workers[0], sync)
+            rss_store = _extra_peak_rss(learner.workers[0], via_store)
             raw = _raw_broadcast_s(n, free_port(), "127.0.0.1", bucket, nbytes, args.repeats, epoch=n)
             floor = _object_store_floor(nbytes, args.repeats)
             rows.append({"generators": n, "bytes": nbytes, "collective_s": round(collective, 4),
@@ -127,7 +157,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "object_store_floor_s": round(floor, 4), "object_store_vs_floor": round(store / floor, 2),
                          "gather_s": round(statistics.median(p.gather_s for p in parts), 4),
                          "send_s": round(statistics.median(p.send_s for p in parts), 4),
-                         "failed_epochs": sync.failed_epochs, "fallbacks": sync.fallbacks})
+                         "failed_epochs": sync.failed_epochs, "fallbacks": sync.fallbacks,
+                         "learner_extra_peak_rss_mb": {"collective": round(rss_collective / 2**20, 1),
+                                                       "object_store": round(rss_store / 2**20, 1)},
+                         "model_mb": round(nbytes / 2**20, 1)})
             gens.shutdown()
         learner.shutdown()
     finally:

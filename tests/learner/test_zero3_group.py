@@ -106,6 +106,8 @@ def test_published_and_exported_weights_reproduce_learner_logits(env, tmp_path):
     assert handle.num_bytes > 0 and handle.version >= 1
     fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(env.model_dir), dtype=torch.float32).eval()
     assert load_weights(fresh, ObjectStoreWeightSync(), handle) == handle.version
+    published, ref = dict(ObjectStoreWeightSync().fetch(handle).items()), env.group.state_dict()
+    assert set(published) <= set(ref) and all(torch.equal(t, ref[n]) for n, t in published.items())
     exported = _hf(env.group.export_hf(str(tmp_path / "hf")))
     AutoTokenizer.from_pretrained(tmp_path / "hf")
     mask = batch.mask.bool()
