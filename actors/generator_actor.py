@@ -170,9 +170,8 @@ class GeneratorWorker:
     def _maybe_fail(self) -> None:
         """Fault injection (run.fault.*) for reliability tests: exit the actor process."""
         f = self.cfg.run.fault
-        if self._reconstructed():
-            return
-        if (0 <= f.generator_die_after <= self.batches) or (f.generator_die_prob and self._fault_rng.random() < f.generator_die_prob):
+        due = (0 <= f.generator_die_after <= self.batches) or (f.generator_die_prob and self._fault_rng.random() < f.generator_die_prob)
+        if due and not self._reconstructed():  # asked only when due: the Ray call behind it warns
             os._exit(1)
 
     def policy_version(self) -> int:
