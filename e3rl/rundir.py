@@ -41,7 +41,7 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # Fields that may change between a run and its resumption without making it another run.
 _RESUMABLE_CHANGES = ("run.steps", "run.progress", "resources.", "run.eval_every", "run.save_every", "run.trace_",
-                      "run.report", "run.max_skipped_steps")
+                      "run.report", "run.max_skipped_steps", "run.fault.")
 
 
 def check(cfg: Config) -> Path:
