@@ -1,0 +1,100 @@
+"""Intervals and sample sizes for telling methods apart (the healing study and the E3RL-vs-GRPO
+experiment report these).
+
+Accuracy on a benchmark is a mean over *problems* of each problem's success rate over its k
+samples. Problems are what was drawn from a population (the k samples of one problem are
+correlated: an easy problem is easy for all of them), so intervals resample problems, never
+single samples. Comparing two methods on the same problems (and, in training experiments, the
+same seeds) is a paired design: the per-unit differences carry the comparison and problem
+difficulty cancels, which is why paired intervals are much narrower than two separate ones.
+
+- `bootstrap_mean_ci`: percentile bootstrap of a mean over units (problems).
+- `crossed_bootstrap_mean_ci`: the same for a [seeds, problems] table of per-cell values (e.g.
+  paired differences), resampling seeds and problems independently: both are random draws, and a
+  seed effect shared by all problems of a run must widen the interval.
+- `min_detectable_effect` / `units_for_effect`: the normal-approximation power calculation for a
+  paired mean difference, to size seeds and problems before running.
+
+Pure numpy/stdlib: no Ray, no torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its two-sided interval (`level`, e.g. 0.95)."""
+
+    mean: float
+    low: float
+    high: float
+    level: float
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0.0 or self.high < 0.0
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def _percentiles(means: np.ndarray, point: float, level: float) -> Interval:
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return Interval(float(point), float(low), float(high), level)
+
+
+def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 10_000,
+                      seed: int = 0) -> Interval:
+    """Mean of per-unit values (one per problem: its accuracy over k samples, or a paired
+    difference) with a percentile bootstrap interval over units."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"bootstrap_mean_ci: need a 1-D sequence of >= 2 units, got shape {x.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(resamples, len(x)))
+    return _percentiles(x[idx].mean(axis=1), float(x.mean()), level)
+
+
+def crossed_bootstrap_mean_ci(table: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 10_000,
+                              seed: int = 0) -> Interval:
+    """Mean of a [seeds, problems] table with seeds and problems resampled independently (each
+    resample: the cells of the drawn seeds x the drawn problems)."""
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim != 2 or t.shape[0] < 2 or t.shape[1] < 2:
+        raise ValueError(f"crossed_bootstrap_mean_ci: need a [seeds >= 2, problems >= 2] table, got shape {t.shape}")
+    rng = np.random.default_rng(seed)
+    n_s, n_p = t.shape
+    means = np.empty(resamples)
+    for r in range(resamples):  # one seed draw and one problem draw per resample
+        s = rng.integers(0, n_s, size=n_s)
+        p = rng.integers(0, n_p, size=n_p)
+        means[r] = t[np.ix_(s, p)].mean()
+    return _percentiles(means, float(t.mean()), level)
+
+
+def _z(alpha: float, power: float) -> float:
+    nd = NormalDist()
+    return nd.inv_cdf(1.0 - alpha / 2.0) + nd.inv_cdf(power)
+
+
+def min_detectable_effect(sd_diff: float, units: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired test at `alpha` detects with
+    probability `power`, given the standard deviation of one unit's difference and the number
+    of independent units (normal approximation: (z_{1-alpha/2} + z_power) * sd / sqrt(n))."""
+    if units < 1 or sd_diff < 0:
+        raise ValueError(f"min_detectable_effect: units >= 1 and sd_diff >= 0, got {units}, {sd_diff}")
+    return _z(alpha, power) * sd_diff / math.sqrt(units)
+
+
+def units_for_effect(sd_diff: float, effect: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """How many independent units (seeds, or problems) make `effect` detectable (the inverse of
+    `min_detectable_effect`, rounded up)."""
+    if effect <= 0:
+        raise ValueError(f"units_for_effect: effect must be > 0, got {effect}")
+    return max(1, math.ceil((_z(alpha, power) * sd_diff / effect) ** 2))
