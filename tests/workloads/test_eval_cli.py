@@ -136,3 +136,34 @@ def test_eval_decoding_settings_load_on_a_vllm_config():
     cfg = build_config(parse_args(["--config", str(ROOT / "configs/qwen3-4b-e3rl.yaml"), "--data", "gym:chain_sum",
                                    "gen.temperature=0.6", "gen.top_p=0.95", "gen.top_k=20"]))
     assert cfg.gen.backend == "vllm" and cfg.gen.temperature == 0.6 and cfg.algo.behaviour_logp == "recompute"
+
+
+def test_heal_study_agrees_with_eval_and_continues_erasures(both, tmp_path):
+    """`python -m e3rl.study heal` on the same config, task, size, k and seed as the eval above
+    draws the same healed and plain samples (its accuracies equal `e3rl.eval`'s), gives plain
+    sampling the tokens healing spent, and continues the erased and replacement branches."""
+    from e3rl.study import main
+
+    res_eval, _, data = both
+    path = tmp_path / "study.json"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["heal", "--config", str(ROOT / "configs/tiny.yaml"), "--data", "gym:chain_sum", "--size", "2",
+                   "--k", str(K), "--branches", "2", "--max-events", "4", "--out", str(path),
+                   "reward.fn=tests.workloads.test_eval_cli:coin_reward", *AGGRESSIVE])
+    assert rc == 0, err.getvalue()
+    res = json.loads(path.read_text())
+    on, off = res_eval["results"]["on"]["gym:chain_sum"], res_eval["results"]["off"]["gym:chain_sum"]
+    acc = res["accuracy"]
+    assert acc["healed_avg@k"] == pytest.approx(on[f"avg@{K}"]) and acc["plain_avg@k"] == pytest.approx(off[f"avg@{K}"])
+    assert acc["healed_pass@k"] == pytest.approx(on[f"pass@{K}"])
+    assert res["rewinds_per_sample"] == pytest.approx(on["rewinds_per_sample"])
+    # healing erased tokens, so plain sampling got more samples, and Pass@ over a superset cannot drop
+    assert res["tokens_per_sample"]["healed"] > res["tokens_per_sample"]["plain"]
+    assert res["plain_samples_at_equal_tokens"] > K
+    assert acc["plain_pass@equal_tokens"] >= acc["plain_pass@k"]
+    assert res["difference"]["avg@k"]["mean"] == pytest.approx(acc["healed_avg@k"] - acc["plain_avg@k"])
+    b = res["branches"]
+    assert b["erasures"] > 0 and b["continued"] == min(4, b["erasures"]) and b["continuations_each"] == 2
+    assert 0.0 <= b["p_right_replacement"] <= 1.0 and 0.0 <= b["p_right_erased"] <= 1.0
+    assert "P(right | replacement) - P(right | erased)" in out.getvalue()

@@ -1,0 +1,252 @@
+"""Does healing help at test time? A fixed policy, healing on vs off, with intervals; and, at each
+erasure, the counterfactual the method assumes.
+
+    python -m e3rl.study heal [--model DIR | --config CFG.yaml] [--data gym:chain_sum] [--size 200]
+                              [--k 4] [--branches 4] [--max-events 200] [--out FILE.json]
+                              [section.key=value ...]
+
+1. Accuracy with healing on vs off, k samples per problem, same seed, paired by problem:
+   - at equal samples: Avg@k and Pass@k;
+   - at equal generated tokens: healing spends tokens on erased segments, so plain sampling gets
+     ceil(k x tokens_on / tokens_off) samples per problem (erased tokens count) and its Pass@ is
+     taken over all of them (Avg@ does not change in expectation with more samples; Pass@ does).
+   Differences (on - off) get 95% bootstrap intervals over problems.
+2. Branches: for (up to --max-events, a seeded sample of) the erasures of the healed samples, the
+   erased segment and the replacement kept at its position each continue --branches times from
+   the same prefix, healing off, within the same token budget; both endings are scored. The
+   difference P(right | replacement) - P(right | erased) is averaged per problem, then
+   bootstrapped over problems (erasures of one problem are not independent).
+
+It runs on the generator actors as `e3rl.eval` does (same flags for model, config and data).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from e3rl.config import ConfigError
+from e3rl.core.branches import ErasureBranch, erasure_branches
+from e3rl.core.stats import Interval, bootstrap_mean_ci
+
+log = logging.getLogger("e3rl")
+
+
+# ------------------------------------------------------------------ pure parts
+def equal_token_samples(tokens_on: float, tokens_off: float, k: int) -> int:
+    """Plain samples per problem that spend what k healed samples spent (at least k)."""
+    if tokens_off <= 0:
+        return k
+    return max(k, math.ceil(k * tokens_on / tokens_off - 1e-9))
+
+
+def compare_modes(on: Sequence[Sequence[bool]], off: Sequence[Sequence[bool]], k: int,
+                  seed: int = 0) -> dict[str, Interval]:
+    """Per-problem correctness, healed (k samples) and plain (>= k samples: the first k are the
+    equal-samples comparison, all of them the equal-tokens one) -> paired intervals of on - off."""
+    if len(on) != len(off) or any(len(a) != k or len(b) < k for a, b in zip(on, off)):
+        raise ValueError("compare_modes: every problem needs k healed and >= k plain samples")
+    avg = [sum(a) / k - sum(b[:k]) / k for a, b in zip(on, off)]
+    pass_k = [float(any(a)) - float(any(b[:k])) for a, b in zip(on, off)]
+    pass_eq = [float(any(a)) - float(any(b)) for a, b in zip(on, off)]
+    return {"avg@k": bootstrap_mean_ci(avg, seed=seed), "pass@k": bootstrap_mean_ci(pass_k, seed=seed),
+            "pass@equal_tokens": bootstrap_mean_ci(pass_eq, seed=seed)}
+
+
+def branch_effect(events: Sequence[tuple[int, float, float]], seed: int = 0) -> Optional[Interval]:
+    """(problem, P(right | replacement), P(right | erased)) per erasure -> the mean difference,
+    averaged within each problem first and bootstrapped over problems. None with < 2 problems."""
+    by_problem: dict[int, list[float]] = defaultdict(list)
+    for p, repl, erased in events:
+        by_problem[p].append(repl - erased)
+    if len(by_problem) < 2:
+        return None
+    return bootstrap_mean_ci([sum(d) / len(d) for d in by_problem.values()], seed=seed)
+
+
+# ------------------------------------------------------------------ the run
+def _rows(trajs: list, n_problems: int, per: int) -> list[list[Any]]:
+    return [trajs[i * per:(i + 1) * per] for i in range(n_problems)]
+
+
+def _continue_branches(group: Any, tokenizer: Any, scorer: Any, es: Any, picked: list[tuple[int, ErasureBranch]],
+                       n: int, budget: int, seed: int) -> list[tuple[int, float, float]]:
+    """Continue each picked erasure's two branches n times (healing off) and score the endings.
+    A branch whose segment ends in EOS has ended: its continuations are not used (stop strings
+    are not special-cased; the shipped configs have none)."""
+    from e3rl.evaluation import EVAL_GROUP_BASE
+    from e3rl.models import eos_token_ids
+
+    eos = set(eos_token_ids(tokenizer))
+
+    prompts, problems, heads = [], [], []
+    for p, b in picked:
+        for seg in (b.replacement, b.erased):
+            prompts.append(es.prompts[p] + b.prefix + seg)
+            problems.append(es.problems[p])
+            heads.append(b.prefix + seg)
+    groups = [EVAL_GROUP_BASE + (1 << 20) + i for i in range(len(prompts))]
+    rollout = group.generate(problems, prompts, groups, group_size=n, heal=False, seed=seed)
+    import ray
+
+    trajs = [t for part in ray.get(rollout.refs) for t in part]
+    texts, probs = [], []
+    for i, head in enumerate(heads):
+        for t in trajs[i * n:(i + 1) * n]:
+            ended = bool(head) and head[-1] in eos
+            ids = (head if ended else head + t.kept_ids.tolist())[:budget]  # the original sample's budget
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            probs.append(problems[i])
+    right = [s.correct for s in scorer.score(texts, probs)]
+    rate = [sum(right[i * n:(i + 1) * n]) / n for i in range(len(heads))]
+    return [(p, rate[2 * j], rate[2 * j + 1]) for j, (p, _) in enumerate(picked)]
+
+
+def run_heal_study(cfg: Any, spec: str, k: int, size: Optional[int], n_branches: int, max_events: int) -> dict[str, Any]:
+    import ray
+
+    from actors.generator_group import GeneratorGroup
+    from e3rl.eval import _check_model, load_sets
+    from e3rl.evaluation import EVAL_GROUP_BASE
+    from e3rl.models import load_tokenizer, materialize_builtin, prepare_backend, resolve_backend
+    from e3rl.ray_setup import connect
+    from e3rl.rewards import Scorer
+
+    _check_model(cfg)
+    cfg = resolve_backend(cfg)
+    if cfg.model.path.startswith("builtin:"):
+        materialize_builtin(cfg.model.path)
+    prepare_backend(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    es = load_sets(cfg, [spec], cfg.data.eval_size if size is None else size, tokenizer)[0]
+    n = len(es.problems)
+    groups = [EVAL_GROUP_BASE + i for i in range(n)]
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        connect(cfg)
+    group, seconds = None, {}
+    try:
+        group = GeneratorGroup(cfg)
+        scorer = Scorer(cfg.reward)
+
+        def sample(per: int, heal: bool, seed: int) -> list[list[Any]]:
+            rollout = group.generate(es.problems, es.prompts, groups, group_size=per, heal=heal, seed=seed)
+            return _rows([t for part in ray.get(rollout.refs) for t in part], n, per)
+
+        t0 = time.perf_counter()
+        on = sample(k, True, cfg.run.seed)
+        seconds["healed"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        off = sample(k, False, cfg.run.seed)
+        tok_on = sum(len(t.stream_ids) for row in on for t in row) / (n * k)
+        tok_off = sum(len(t.stream_ids) for row in off for t in row) / (n * k)
+        k_eq = equal_token_samples(tok_on, tok_off, k)
+        if k_eq > k:  # more plain samples, another seed: the budget healing spent
+            off = [a + b for a, b in zip(off, sample(k_eq - k, False, cfg.run.seed + 1))]
+        seconds["plain"] = time.perf_counter() - t0
+
+        events = [(p, b) for p, row in enumerate(on) for t in row for b in erasure_branches(t)]
+        picked = random.Random(cfg.run.seed).sample(events, min(max_events, len(events)))
+        t0 = time.perf_counter()
+        outcomes = _continue_branches(group, tokenizer, scorer, es, picked, n_branches, cfg.gen.max_new_tokens,
+                                      cfg.run.seed + 2) if picked else []
+        seconds["branches"] = time.perf_counter() - t0
+    finally:
+        if group is not None:
+            group.shutdown()
+        if own_ray:
+            ray.shutdown()
+    correct_on = [[bool(t.correct) for t in row] for row in on]
+    correct_off = [[bool(t.correct) for t in row] for row in off]
+    diffs = compare_modes(correct_on, correct_off, k, seed=cfg.run.seed)
+    effect = branch_effect(outcomes, seed=cfg.run.seed)
+    return {
+        "model": cfg.model.path, "data": spec, "problems": n, "k": k, "seed": cfg.run.seed, "seconds": seconds,
+        "accuracy": {"healed_avg@k": _mean(sum(r) / k for r in correct_on),
+                     "plain_avg@k": _mean(sum(r[:k]) / k for r in correct_off),
+                     "healed_pass@k": _mean(float(any(r)) for r in correct_on),
+                     "plain_pass@k": _mean(float(any(r[:k])) for r in correct_off),
+                     "plain_pass@equal_tokens": _mean(float(any(r)) for r in correct_off)},
+        "tokens_per_sample": {"healed": tok_on, "plain": tok_off}, "plain_samples_at_equal_tokens": k_eq,
+        "rewinds_per_sample": sum(t.rewinds for row in on for t in row) / (n * k),
+        "difference": {key: _interval(v) for key, v in diffs.items()},
+        "branches": {"erasures": len(events), "continued": len(picked), "continuations_each": n_branches,
+                     "p_right_replacement": _mean(o[1] for o in outcomes) if outcomes else None,
+                     "p_right_erased": _mean(o[2] for o in outcomes) if outcomes else None,
+                     "difference": _interval(effect) if effect else None},
+    }
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _interval(i: Interval) -> dict[str, Any]:
+    return {"mean": i.mean, "low": i.low, "high": i.high, "level": i.level, "excludes_zero": i.excludes_zero()}
+
+
+def table(res: dict[str, Any]) -> str:
+    a, d, b = res["accuracy"], res["difference"], res["branches"]
+    fmt = lambda i: f"{i['mean']:+.3f} [{i['low']:+.3f}, {i['high']:+.3f}]" if i else "n/a"
+    lines = [f"{res['data']}: {res['problems']} problems x k={res['k']}; tokens/sample healed "
+             f"{res['tokens_per_sample']['healed']:.1f} vs plain {res['tokens_per_sample']['plain']:.1f} "
+             f"(equal tokens: {res['plain_samples_at_equal_tokens']} plain samples)",
+             f"  avg@k          healed {a['healed_avg@k']:.3f}  plain {a['plain_avg@k']:.3f}  on-off {fmt(d['avg@k'])}",
+             f"  pass@k         healed {a['healed_pass@k']:.3f}  plain {a['plain_pass@k']:.3f}  on-off {fmt(d['pass@k'])}",
+             f"  pass@eq tokens healed {a['healed_pass@k']:.3f}  plain {a['plain_pass@equal_tokens']:.3f}  "
+             f"on-off {fmt(d['pass@equal_tokens'])}",
+             f"  branches: {b['continued']} of {b['erasures']} erasures x {b['continuations_each']} continuations; "
+             f"P(right | replacement) - P(right | erased) {fmt(b['difference'])}"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from e3rl.eval import build_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "heal":
+        print("e3rl.study: error: name a study — python -m e3rl.study heal [options] (see --help after it)",
+              file=sys.stderr)
+        return 2
+    h = argparse.ArgumentParser(prog="python -m e3rl.study heal", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    h.add_argument("--model", help="local HF model dir (sets model.path), as in e3rl.eval")
+    h.add_argument("--config", help="run config YAML (default: DIR/../config.yaml of --model, else built-in)")
+    h.add_argument("--data", default="gym:chain_sum", help="one benchmark: a file or gym:<task>")
+    h.add_argument("--size", type=int, default=200, help="problems (seeded held-out subset)")
+    h.add_argument("--k", type=int, default=4, help="samples per problem and mode")
+    h.add_argument("--branches", type=int, default=4, help="continuations per branch of an erasure")
+    h.add_argument("--max-events", type=int, default=200, help="erasures continued (a seeded sample)")
+    h.add_argument("--out", help="write the JSON result here")
+    h.add_argument("overrides", nargs="*", metavar="section.key=value")
+    a = h.parse_intermixed_args(argv[1:])
+    try:
+        if a.branches < 1 or a.max_events < 0:
+            raise ConfigError("--branches / --max-events: must be >= 1 / >= 0 — e.g. --branches 4 --max-events 200")
+        cfg = build_config(argparse.Namespace(data=[a.data], model=a.model, config=a.config, k=a.k, size=a.size,
+                                              overrides=a.overrides))
+        res = run_heal_study(cfg, a.data, a.k, a.size, a.branches, a.max_events)
+    except ConfigError as e:
+        print(f"e3rl.study: error: {e}", file=sys.stderr)
+        return 2
+    print(table(res))
+    if a.out:
+        from e3rl.rundir import write_json_atomic
+
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, res)
+        print(f"e3rl.study: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
