@@ -73,6 +73,13 @@ class VllmEngine:
             kw["kv_cache_memory_bytes"] = int((cfg.kv_cache_gib or 1.0) * (1 << 30))
         if cfg.max_num_seqs:
             kw["max_num_seqs"] = cfg.max_num_seqs
+        if not on_gpu:
+            # No chunked prefill on CPU: a prompt split across scheduler steps makes vLLM rewind the
+            # request's seeded generator with `set_offset`, which only CUDA generators have (vLLM
+            # 0.32: "CPU Generator does not use offset"). Whole prompts wait for the next step
+            # instead; one step must then hold the longest prompt.
+            kw["enable_chunked_prefill"] = False
+            kw["max_num_batched_tokens"] = max(4096, max_model_len)
         set_threads = torch.set_num_threads
         self.llm = LLM(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
                        enforce_eager=not (on_gpu and cfg.cuda_graphs), enable_prefix_caching=True,

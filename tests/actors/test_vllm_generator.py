@@ -253,3 +253,17 @@ def test_weights_streamed_over_the_sync_group_reach_the_engine(vllm_engine, vllm
             sender.kill()
         g.load_weights(original, version=0)
         vllm_model.load_state_dict(original)
+
+
+def test_seeded_batches_larger_than_one_scheduler_step_run_on_cpu(vllm_engine):
+    """More prompt tokens than one scheduler step takes (4096 by default): with chunked prefill
+    vLLM splits a prompt across steps and then rewinds the request's seeded generator with
+    `set_offset`, which CPU generators do not have ("CPU Generator does not use offset": the
+    healing study's first 800-sample batch). Seeded requests still repeat exactly."""
+    from actors.vllm_engine import Request
+
+    reqs = [Request([(7 * i + j) % 500 + 10 for j in range(100)], 4, 1000 + i) for i in range(64)]  # 6400 tokens
+    a = vllm_engine.generate(reqs, 1.0, 0, 1.0, set())
+    b = vllm_engine.generate(reqs, 1.0, 0, 1.0, set())
+    assert all(len(x.token_ids) == 4 for x in a)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
