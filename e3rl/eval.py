@@ -165,12 +165,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(table(res))
     if a.out:
-        from e3rl.rundir import write_json_atomic
+        from e3rl.rundir import write_result
 
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, res)
-        print(f"e3rl.eval: wrote {out}")
+        write_result(a.out, res, "e3rl.eval")
     return 0
 
 

@@ -27,6 +27,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_result(path: str, result: Any, prog: str) -> None:
+    """A CLI's JSON result at `path` (parent dirs created, written atomically), announced on stdout."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    print(f"{prog}: wrote {out}")
+
+
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):

@@ -28,7 +28,6 @@ import random
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from e3rl.config import ConfigError
@@ -239,12 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(table(res))
     if a.out:
-        from e3rl.rundir import write_json_atomic
+        from e3rl.rundir import write_result
 
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, res)
-        print(f"e3rl.study: wrote {out}")
+        write_result(a.out, res, "e3rl.study")
     return 0
 
 
