@@ -8,8 +8,9 @@ erasure, the counterfactual the method assumes.
 1. Accuracy with healing on vs off, k samples per problem, same seed, paired by problem:
    - at equal samples: Avg@k and Pass@k;
    - at equal generated tokens: healing spends tokens on erased segments, so plain sampling gets
-     ceil(k x tokens_on / tokens_off) samples per problem (erased tokens count) and its Pass@ is
-     taken over all of them (Avg@ does not change in expectation with more samples; Pass@ does).
+     k x tokens_on / tokens_off samples per problem (erased tokens count; fractional: Pass@ at a
+     budget between two sample counts is interpolated, `pass_at_budget`). Avg@ does not change
+     in expectation with more samples; Pass@ does.
    Differences (on - off) get 95% bootstrap intervals over problems.
 2. Branches: for (up to --max-events, a seeded sample of) the erasures of the healed samples, the
    erased segment and the replacement kept at its position each continue --branches times from
@@ -32,28 +33,30 @@ from typing import Any, Optional, Sequence
 
 from e3rl.config import ConfigError
 from e3rl.core.branches import ErasureBranch, erasure_branches
+from e3rl.core.passk import pass_at_budget
 from e3rl.core.stats import Interval, bootstrap_mean_ci
 
 log = logging.getLogger("e3rl")
 
 
 # ------------------------------------------------------------------ pure parts
-def equal_token_samples(tokens_on: float, tokens_off: float, k: int) -> int:
-    """Plain samples per problem that spend what k healed samples spent (at least k)."""
+def equal_token_budget(tokens_on: float, tokens_off: float, k: int) -> float:
+    """Plain samples per problem (fractional) that spend what k healed samples spent (at least k)."""
     if tokens_off <= 0:
-        return k
-    return max(k, math.ceil(k * tokens_on / tokens_off - 1e-9))
+        return float(k)
+    return max(float(k), k * tokens_on / tokens_off)
 
 
 def compare_modes(on: Sequence[Sequence[bool]], off: Sequence[Sequence[bool]], k: int,
-                  seed: int = 0) -> dict[str, Interval]:
+                  budget: Optional[float] = None, seed: int = 0) -> dict[str, Interval]:
     """Per-problem correctness, healed (k samples) and plain (>= k samples: the first k are the
-    equal-samples comparison, all of them the equal-tokens one) -> paired intervals of on - off."""
+    equal-samples comparison; Pass@ at `budget` samples, fractional, over all of them is the
+    equal-tokens one) -> paired intervals of on - off."""
     if len(on) != len(off) or any(len(a) != k or len(b) < k for a, b in zip(on, off)):
         raise ValueError("compare_modes: every problem needs k healed and >= k plain samples")
     avg = [sum(a) / k - sum(b[:k]) / k for a, b in zip(on, off)]
     pass_k = [float(any(a)) - float(any(b[:k])) for a, b in zip(on, off)]
-    pass_eq = [float(any(a)) - float(any(b)) for a, b in zip(on, off)]
+    pass_eq = [float(any(a)) - pass_at_budget(len(b), sum(b), budget or len(b)) for a, b in zip(on, off)]
     return {"avg@k": bootstrap_mean_ci(avg, seed=seed), "pass@k": bootstrap_mean_ci(pass_k, seed=seed),
             "pass@equal_tokens": bootstrap_mean_ci(pass_eq, seed=seed)}
 
@@ -145,7 +148,8 @@ def run_heal_study(cfg: Any, spec: str, k: int, size: Optional[int], n_branches:
         off = sample(k, False, cfg.run.seed)
         tok_on = sum(len(t.stream_ids) for row in on for t in row) / (n * k)
         tok_off = sum(len(t.stream_ids) for row in off for t in row) / (n * k)
-        k_eq = equal_token_samples(tok_on, tok_off, k)
+        budget = equal_token_budget(tok_on, tok_off, k)
+        k_eq = math.ceil(budget - 1e-9)
         if k_eq > k:  # more plain samples, another seed: the budget healing spent
             off = [a + b for a, b in zip(off, sample(k_eq - k, False, cfg.run.seed + 1))]
         seconds["plain"] = time.perf_counter() - t0
@@ -163,7 +167,7 @@ def run_heal_study(cfg: Any, spec: str, k: int, size: Optional[int], n_branches:
             ray.shutdown()
     correct_on = [[bool(t.correct) for t in row] for row in on]
     correct_off = [[bool(t.correct) for t in row] for row in off]
-    diffs = compare_modes(correct_on, correct_off, k, seed=cfg.run.seed)
+    diffs = compare_modes(correct_on, correct_off, k, budget, seed=cfg.run.seed)
     effect = branch_effect(outcomes, seed=cfg.run.seed)
     return {
         "model": cfg.model.path, "data": spec, "problems": n, "k": k, "seed": cfg.run.seed, "seconds": seconds,
@@ -171,8 +175,9 @@ def run_heal_study(cfg: Any, spec: str, k: int, size: Optional[int], n_branches:
                      "plain_avg@k": _mean(sum(r[:k]) / k for r in correct_off),
                      "healed_pass@k": _mean(float(any(r)) for r in correct_on),
                      "plain_pass@k": _mean(float(any(r[:k])) for r in correct_off),
-                     "plain_pass@equal_tokens": _mean(float(any(r)) for r in correct_off)},
-        "tokens_per_sample": {"healed": tok_on, "plain": tok_off}, "plain_samples_at_equal_tokens": k_eq,
+                     "plain_pass@equal_tokens": _mean(pass_at_budget(len(r), sum(r), budget) for r in correct_off)},
+        "tokens_per_sample": {"healed": tok_on, "plain": tok_off}, "plain_samples_at_equal_tokens": budget,
+        "plain_samples_drawn": k_eq, "per_problem": {"healed": correct_on, "plain": correct_off},
         "rewinds_per_sample": sum(t.rewinds for row in on for t in row) / (n * k),
         "difference": {key: _interval(v) for key, v in diffs.items()},
         "branches": {"erasures": len(events), "continued": len(picked), "continuations_each": n_branches,
@@ -196,7 +201,7 @@ def table(res: dict[str, Any]) -> str:
     fmt = lambda i: f"{i['mean']:+.3f} [{i['low']:+.3f}, {i['high']:+.3f}]" if i else "n/a"
     lines = [f"{res['data']}: {res['problems']} problems x k={res['k']}; tokens/sample healed "
              f"{res['tokens_per_sample']['healed']:.1f} vs plain {res['tokens_per_sample']['plain']:.1f} "
-             f"(equal tokens: {res['plain_samples_at_equal_tokens']} plain samples)",
+             f"(equal tokens: {res['plain_samples_at_equal_tokens']:.2f} plain samples)",
              f"  avg@k          healed {a['healed_avg@k']:.3f}  plain {a['plain_avg@k']:.3f}  on-off {fmt(d['avg@k'])}",
              f"  pass@k         healed {a['healed_pass@k']:.3f}  plain {a['plain_pass@k']:.3f}  on-off {fmt(d['pass@k'])}",
              f"  pass@eq tokens healed {a['healed_pass@k']:.3f}  plain {a['plain_pass@equal_tokens']:.3f}  "

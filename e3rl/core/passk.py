@@ -23,6 +23,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
+def pass_at_budget(n: int, c: int, m: float) -> float:
+    """Pass@ at a fractional number of samples 1 <= m <= n: the budget that draws ceil(m) samples
+    with probability m - floor(m), else floor(m), spends m samples' tokens in expectation, and
+    its Pass@ is linear between the two unbiased values. (Healing's extra tokens are rarely a
+    whole number of plain samples; rounding the plain budget up would favour plain sampling.)"""
+    if not 1 <= m <= n:
+        raise ValueError(f"pass_at_budget: need 1 <= m <= n, got n={n}, m={m}")
+    lo = int(np.floor(m))
+    frac = m - lo
+    low = pass_at_k(n, c, lo)
+    return low if frac == 0 else (1 - frac) * low + frac * pass_at_k(n, c, lo + 1)
+
+
 def avg_at_k(correct: Sequence[float]) -> float:
     """Avg@k: mean accuracy over the k samples of one problem (an estimate of pass@1)."""
     if len(correct) == 0:
