@@ -14,16 +14,18 @@ goes to stdout, the JSON to `--out`. Bad input stops it with one line and exit c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from e3rl.config import Config, ConfigError, load_config
 from e3rl.data import EVAL_SEED_OFFSET, encode_prompts, load_source
 from e3rl.evaluation import EvalSet, default_ks, evaluate
+from e3rl.rundir import write_result
 
 log = logging.getLogger("e3rl")
 MODES = {"on": ("on",), "off": ("off",), "both": ("on", "off")}
@@ -34,13 +36,35 @@ def _fail(flag: str, problem: str, fix: str) -> None:
     raise ConfigError(f"{flag}: {problem} — {fix}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print usage + message over two lines
-        raise ConfigError(f"{message} — see `python -m e3rl.eval --help`")
+class CliParser(argparse.ArgumentParser):
+    """Bad arguments raise `ConfigError` (one line, exit 2 through `cli_main`), where argparse would
+    print its usage and the message over two lines."""
+
+    def __init__(self, prog: str, description: Optional[str]):
+        super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message} — see `{self.prog} --help`")
+
+
+def cli_main(prog: str, run: Callable[[], tuple[dict[str, Any], Optional[str]]],
+             table: Callable[[dict[str, Any]], str]) -> int:
+    """The frame the evaluation CLIs share: log to stderr, `run()` -> (result, --out path), bad
+    input -> one line and exit 2, the table to stdout, the JSON to the path."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        res, out = run()
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(table(res))
+    if out:
+        write_result(out, res, prog)
+    return 0
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = _Parser(prog="python -m e3rl.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser("python -m e3rl.eval", __doc__)
     p.add_argument("--data", action="append", default=[], metavar="FILE_OR_gym:TASK",
                    help="benchmark: a jsonl/parquet file, a hub name, or gym:<task> (repeatable)")
     p.add_argument("--model", help="local HF model dir (sets model.path)")
@@ -97,42 +121,53 @@ def load_sets(cfg: Config, specs: Sequence[str], size: int, tokenizer: Any) -> l
     return sets
 
 
-def _check_model(cfg: Config) -> None:
+def prepare_model(cfg: Config) -> tuple[Config, Any]:
+    """The model checked (one line if its path is missing), its backend resolved and prepared
+    once (before actors race to convert it) -> (the resolved config, its tokenizer)."""
+    from e3rl.models import load_tokenizer, materialize_builtin, prepare_backend, resolve_backend
+
     p = cfg.model.path
     if p != "random" and not p.startswith("builtin:") and not Path(p).expanduser().exists():
         _fail("model.path", f"{p!r} does not exist", "pass --model DIR (a local HF dir; hub names are not downloaded)")
+    cfg = resolve_backend(cfg)
+    if cfg.model.path.startswith("builtin:"):
+        materialize_builtin(cfg.model.path)
+    prepare_backend(cfg)
+    return cfg, load_tokenizer(cfg.model)
 
 
-def run_eval(cfg: Config, specs: Sequence[str], k: int, heal: str, size: Optional[int]) -> dict[str, Any]:
+@contextlib.contextmanager
+def generator_group(cfg: Config) -> Iterator[Any]:
+    """The training generator actors for `cfg` on Ray: a running Ray is reused, else an embedded one
+    is started (as `e3rl.run` does) and shut down after."""
     import ray
 
     from actors.generator_group import GeneratorGroup
-    from e3rl.models import load_tokenizer, materialize_builtin, prepare_backend, resolve_backend
     from e3rl.ray_setup import connect
 
-    _check_model(cfg)
-    cfg = resolve_backend(cfg)
-    if cfg.model.path.startswith("builtin:"):
-        materialize_builtin(cfg.model.path)  # once, before actors race to convert it
-    prepare_backend(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    sets = load_sets(cfg, specs, cfg.data.eval_size if size is None else size, tokenizer)
     own_ray = not ray.is_initialized()
     if own_ray:
         connect(cfg)
     group = None
-    results, seconds = {}, {}
     try:
         group = GeneratorGroup(cfg)
-        for mode in MODES[heal]:
-            t0 = time.perf_counter()
-            results[mode] = evaluate(group, sets, k, heal=mode == "on", seed=cfg.run.seed)
-            seconds[mode] = time.perf_counter() - t0
+        yield group
     finally:
         if group is not None:
             group.shutdown()
         if own_ray:
             ray.shutdown()
+
+
+def run_eval(cfg: Config, specs: Sequence[str], k: int, heal: str, size: Optional[int]) -> dict[str, Any]:
+    cfg, tokenizer = prepare_model(cfg)
+    sets = load_sets(cfg, specs, cfg.data.eval_size if size is None else size, tokenizer)
+    results, seconds = {}, {}
+    with generator_group(cfg) as group:
+        for mode in MODES[heal]:
+            t0 = time.perf_counter()
+            results[mode] = evaluate(group, sets, k, heal=mode == "on", seed=cfg.run.seed)
+            seconds[mode] = time.perf_counter() - t0
     out = {"model": cfg.model.path, "k": k, "ks": default_ks(k), "heal": heal, "seed": cfg.run.seed,
            "problems": {s.name: len(s.problems) for s in sets}, "results": results, "seconds": seconds}
     if heal == "both":
@@ -156,20 +191,11 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
+    def run() -> tuple[dict[str, Any], Optional[str]]:
         a = parse_args(sys.argv[1:] if argv is None else argv)
-        res = run_eval(build_config(a), a.data, a.k, a.heal, a.size)
-    except ConfigError as e:
-        print(f"e3rl.eval: error: {e}", file=sys.stderr)
-        return 2
-    print(table(res))
-    if a.out:
-        from e3rl.rundir import write_result
+        return run_eval(build_config(a), a.data, a.k, a.heal, a.size), a.out
 
-        write_result(a.out, res, "e3rl.eval")
-    return 0
-
+    return cli_main("e3rl.eval", run, table)
 
 if __name__ == "__main__":
     sys.exit(main())

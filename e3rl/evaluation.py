@@ -25,26 +25,29 @@ def default_ks(k: int) -> list[int]:
     return sorted({1, *[x for x in (2, 4, 8, 16, 32, 64) if x <= k], k})
 
 
-def evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed: int = 0) -> dict[str, Any]:
-    """-> {"<set>": {"avg@k": .., "pass@1": .., ..., "rewinds_per_sample": ..}, ...}.
+def sample_rows(generators: Any, es: EvalSet, k: int, heal: bool, seed: int = 0) -> tuple[list[list[Any]], dict]:
+    """k samples of every problem of `es` -> (one row of k trajectories per problem, the rollout's
+    stats). Held-out problems never leak into training: sampling does not update the generators'
+    threshold history (only training steps do)."""
+    groups = [EVAL_GROUP_BASE + i for i in range(len(es.problems))]
+    rollout = generators.generate(es.problems, es.prompts, groups, group_size=k, heal=heal, seed=seed)
+    trajs = [t for part in ray.get(rollout.refs) for t in part]
+    return [trajs[i * k:(i + 1) * k] for i in range(len(es.problems))], rollout.stats
 
-    Held-out problems never leak into training: evaluation does not update the generators'
-    threshold history (only training steps do).
-    """
+
+def evaluate(generators: Any, sets: Sequence[EvalSet], k: int, heal: bool, seed: int = 0) -> dict[str, Any]:
+    """-> {"<set>": {"avg@k": .., "pass@1": .., ..., "rewinds_per_sample": ..}, ...}."""
     results: dict[str, Any] = {}
     for es in sets:
         if not es.problems:
             continue
-        groups = [EVAL_GROUP_BASE + i for i in range(len(es.problems))]
-        rollout = generators.generate(es.problems, es.prompts, groups, group_size=k, heal=heal, seed=seed)
-        trajs, stats = [t for part in ray.get(rollout.refs) for t in part], rollout.stats
-        per_problem = [[float(t.correct) for t in trajs[i * k:(i + 1) * k]] for i in range(len(es.problems))]
+        rows, stats = sample_rows(generators, es, k, heal, seed)
+        per_problem = [[float(t.correct) for t in row] for row in rows]
         metrics = aggregate([(es.name, scores) for scores in per_problem], default_ks(k))[es.name]
         metrics |= {"rewinds_per_sample": stats["e3rl/rewinds_per_sample"], "samples": stats["gen/samples"],
                     "kept_len_mean": stats["gen/kept_len_mean"]}
         results[es.name] = metrics
     return results
-
 
 def headline(results: dict[str, Any], k: int) -> float:
     """Mean Avg@k over benchmarks: the one held-out number the progress bar shows."""

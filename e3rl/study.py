@@ -23,20 +23,18 @@ It runs on the generator actors as `e3rl.eval` does (same flags for model, confi
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import random
 import sys
 import time
 from collections import defaultdict
+from statistics import fmean
 from typing import Any, Optional, Sequence
 
 from e3rl.config import ConfigError
 from e3rl.core.branches import ErasureBranch, erasure_branches
 from e3rl.core.passk import pass_at_budget
 from e3rl.core.stats import Interval, bootstrap_mean_ci
-
-log = logging.getLogger("e3rl")
 
 
 # ------------------------------------------------------------------ pure parts
@@ -73,15 +71,13 @@ def branch_effect(events: Sequence[tuple[int, float, float]], seed: int = 0) -> 
 
 
 # ------------------------------------------------------------------ the run
-def _rows(trajs: list, n_problems: int, per: int) -> list[list[Any]]:
-    return [trajs[i * per:(i + 1) * per] for i in range(n_problems)]
-
-
 def _continue_branches(group: Any, tokenizer: Any, scorer: Any, es: Any, picked: list[tuple[int, ErasureBranch]],
                        n: int, budget: int, seed: int) -> list[tuple[int, float, float]]:
     """Continue each picked erasure's two branches n times (healing off) and score the endings.
     A branch whose segment ends in EOS has ended: its continuations are not used (stop strings
     are not special-cased; the shipped configs have none)."""
+    import ray
+
     from e3rl.evaluation import EVAL_GROUP_BASE
     from e3rl.models import eos_token_ids
 
@@ -95,8 +91,6 @@ def _continue_branches(group: Any, tokenizer: Any, scorer: Any, es: Any, picked:
             heads.append(b.prefix + seg)
     groups = [EVAL_GROUP_BASE + (1 << 20) + i for i in range(len(prompts))]
     rollout = group.generate(problems, prompts, groups, group_size=n, heal=False, seed=seed)
-    import ray
-
     trajs = [t for part in ray.get(rollout.refs) for t in part]
     texts, probs = [], []
     for i, head in enumerate(heads):
@@ -111,47 +105,27 @@ def _continue_branches(group: Any, tokenizer: Any, scorer: Any, es: Any, picked:
 
 
 def run_heal_study(cfg: Any, spec: str, k: int, size: Optional[int], n_branches: int, max_events: int) -> dict[str, Any]:
-    import ray
-
-    from actors.generator_group import GeneratorGroup
-    from e3rl.eval import _check_model, load_sets
-    from e3rl.evaluation import EVAL_GROUP_BASE
-    from e3rl.models import load_tokenizer, materialize_builtin, prepare_backend, resolve_backend
-    from e3rl.ray_setup import connect
+    from e3rl.eval import generator_group, load_sets, prepare_model
+    from e3rl.evaluation import sample_rows
     from e3rl.rewards import Scorer
 
-    _check_model(cfg)
-    cfg = resolve_backend(cfg)
-    if cfg.model.path.startswith("builtin:"):
-        materialize_builtin(cfg.model.path)
-    prepare_backend(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    cfg, tokenizer = prepare_model(cfg)
     es = load_sets(cfg, [spec], cfg.data.eval_size if size is None else size, tokenizer)[0]
     n = len(es.problems)
-    groups = [EVAL_GROUP_BASE + i for i in range(n)]
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        connect(cfg)
-    group, seconds = None, {}
-    try:
-        group = GeneratorGroup(cfg)
-        scorer = Scorer(cfg.reward)
-
-        def sample(per: int, heal: bool, seed: int) -> list[list[Any]]:
-            rollout = group.generate(es.problems, es.prompts, groups, group_size=per, heal=heal, seed=seed)
-            return _rows([t for part in ray.get(rollout.refs) for t in part], n, per)
-
+    seconds = {}
+    with generator_group(cfg) as group, Scorer(cfg.reward) as scorer:
         t0 = time.perf_counter()
-        on = sample(k, True, cfg.run.seed)
+        on = sample_rows(group, es, k, heal=True, seed=cfg.run.seed)[0]
         seconds["healed"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        off = sample(k, False, cfg.run.seed)
+        off = sample_rows(group, es, k, heal=False, seed=cfg.run.seed)[0]
         tok_on = sum(len(t.stream_ids) for row in on for t in row) / (n * k)
         tok_off = sum(len(t.stream_ids) for row in off for t in row) / (n * k)
         budget = equal_token_budget(tok_on, tok_off, k)
         k_eq = math.ceil(budget - 1e-9)
         if k_eq > k:  # more plain samples, another seed: the budget healing spent
-            off = [a + b for a, b in zip(off, sample(k_eq - k, False, cfg.run.seed + 1))]
+            more = sample_rows(group, es, k_eq - k, heal=False, seed=cfg.run.seed + 1)[0]
+            off = [a + b for a, b in zip(off, more)]
         seconds["plain"] = time.perf_counter() - t0
 
         events = [(p, b) for p, row in enumerate(on) for t in row for b in erasure_branches(t)]
@@ -160,36 +134,26 @@ def run_heal_study(cfg: Any, spec: str, k: int, size: Optional[int], n_branches:
         outcomes = _continue_branches(group, tokenizer, scorer, es, picked, n_branches, cfg.gen.max_new_tokens,
                                       cfg.run.seed + 2) if picked else []
         seconds["branches"] = time.perf_counter() - t0
-    finally:
-        if group is not None:
-            group.shutdown()
-        if own_ray:
-            ray.shutdown()
     correct_on = [[bool(t.correct) for t in row] for row in on]
     correct_off = [[bool(t.correct) for t in row] for row in off]
     diffs = compare_modes(correct_on, correct_off, k, budget, seed=cfg.run.seed)
     effect = branch_effect(outcomes, seed=cfg.run.seed)
     return {
         "model": cfg.model.path, "data": spec, "problems": n, "k": k, "seed": cfg.run.seed, "seconds": seconds,
-        "accuracy": {"healed_avg@k": _mean(sum(r) / k for r in correct_on),
-                     "plain_avg@k": _mean(sum(r[:k]) / k for r in correct_off),
-                     "healed_pass@k": _mean(float(any(r)) for r in correct_on),
-                     "plain_pass@k": _mean(float(any(r[:k])) for r in correct_off),
-                     "plain_pass@equal_tokens": _mean(pass_at_budget(len(r), sum(r), budget) for r in correct_off)},
+        "accuracy": {"healed_avg@k": fmean(sum(r) / k for r in correct_on),
+                     "plain_avg@k": fmean(sum(r[:k]) / k for r in correct_off),
+                     "healed_pass@k": fmean(float(any(r)) for r in correct_on),
+                     "plain_pass@k": fmean(float(any(r[:k])) for r in correct_off),
+                     "plain_pass@equal_tokens": fmean(pass_at_budget(len(r), sum(r), budget) for r in correct_off)},
         "tokens_per_sample": {"healed": tok_on, "plain": tok_off}, "plain_samples_at_equal_tokens": budget,
         "plain_samples_drawn": k_eq, "per_problem": {"healed": correct_on, "plain": correct_off},
         "rewinds_per_sample": sum(t.rewinds for row in on for t in row) / (n * k),
         "difference": {key: _interval(v) for key, v in diffs.items()},
         "branches": {"erasures": len(events), "continued": len(picked), "continuations_each": n_branches,
-                     "p_right_replacement": _mean(o[1] for o in outcomes) if outcomes else None,
-                     "p_right_erased": _mean(o[2] for o in outcomes) if outcomes else None,
+                     "p_right_replacement": fmean(o[1] for o in outcomes) if outcomes else None,
+                     "p_right_erased": fmean(o[2] for o in outcomes) if outcomes else None,
                      "difference": _interval(effect) if effect else None},
     }
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def _interval(i: Interval) -> dict[str, Any]:
@@ -212,42 +176,30 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from e3rl.eval import build_config
+    from e3rl.eval import CliParser, build_config, cli_main
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "heal":
-        print("e3rl.study: error: name a study — python -m e3rl.study heal [options] (see --help after it)",
-              file=sys.stderr)
-        return 2
-    h = argparse.ArgumentParser(prog="python -m e3rl.study heal", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    h.add_argument("--model", help="local HF model dir (sets model.path), as in e3rl.eval")
-    h.add_argument("--config", help="run config YAML (default: DIR/../config.yaml of --model, else built-in)")
-    h.add_argument("--data", default="gym:chain_sum", help="one benchmark: a file or gym:<task>")
-    h.add_argument("--size", type=int, default=200, help="problems (seeded held-out subset)")
-    h.add_argument("--k", type=int, default=4, help="samples per problem and mode")
-    h.add_argument("--branches", type=int, default=4, help="continuations per branch of an erasure")
-    h.add_argument("--max-events", type=int, default=200, help="erasures continued (a seeded sample)")
-    h.add_argument("--out", help="write the JSON result here")
-    h.add_argument("overrides", nargs="*", metavar="section.key=value")
-    a = h.parse_intermixed_args(argv[1:])
-    try:
+    def run() -> tuple[dict[str, Any], Optional[str]]:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if not args or args[0] != "heal":
+            raise ConfigError("name a study — python -m e3rl.study heal [options] (see --help after it)")
+        h = CliParser("python -m e3rl.study heal", __doc__)
+        h.add_argument("--model", help="local HF model dir (sets model.path), as in e3rl.eval")
+        h.add_argument("--config", help="run config YAML (default: DIR/../config.yaml of --model, else built-in)")
+        h.add_argument("--data", default="gym:chain_sum", help="one benchmark: a file or gym:<task>")
+        h.add_argument("--size", type=int, default=200, help="problems (seeded held-out subset)")
+        h.add_argument("--k", type=int, default=4, help="samples per problem and mode")
+        h.add_argument("--branches", type=int, default=4, help="continuations per branch of an erasure")
+        h.add_argument("--max-events", type=int, default=200, help="erasures continued (a seeded sample)")
+        h.add_argument("--out", help="write the JSON result here")
+        h.add_argument("overrides", nargs="*", metavar="section.key=value")
+        a = h.parse_intermixed_args(args[1:])
         if a.branches < 1 or a.max_events < 0:
             raise ConfigError("--branches / --max-events: must be >= 1 / >= 0 — e.g. --branches 4 --max-events 200")
         cfg = build_config(argparse.Namespace(data=[a.data], model=a.model, config=a.config, k=a.k, size=a.size,
                                               overrides=a.overrides))
-        res = run_heal_study(cfg, a.data, a.k, a.size, a.branches, a.max_events)
-    except ConfigError as e:
-        print(f"e3rl.study: error: {e}", file=sys.stderr)
-        return 2
-    print(table(res))
-    if a.out:
-        from e3rl.rundir import write_result
+        return run_heal_study(cfg, a.data, a.k, a.size, a.branches, a.max_events), a.out
 
-        write_result(a.out, res, "e3rl.study")
-    return 0
-
+    return cli_main("e3rl.study", run, table)
 
 if __name__ == "__main__":
     sys.exit(main())

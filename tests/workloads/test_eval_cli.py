@@ -7,12 +7,15 @@ pytest from the repository root: Ray puts the driver's working directory on the 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import zlib
 from pathlib import Path
 
 import pytest
+
+from tests.workloads.processes import reward_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 K = 4
@@ -24,9 +27,8 @@ def coin_reward(response: str, problem) -> float:
     return float(zlib.crc32(response.encode()) % 3 == 0)
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    from e3rl.eval import main
-
+def _run(argv: list[str], cli: str = "e3rl.eval") -> tuple[int, str, str]:
+    main = importlib.import_module(cli).main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(argv)
@@ -127,6 +129,20 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert len(lines) == 1 and message in lines[0] and " — " in lines[0], stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    ([], "name a study — python -m e3rl.study heal"),
+    (["heal", "--bogus"], "unrecognized arguments: --bogus — see `python -m e3rl.study heal --help`"),
+    (["heal", "--branches", "0"], "--branches / --max-events: must be >= 1 / >= 0"),
+    (["heal", "--k", "0"], "--k: must be >= 1, got 0"),
+    (["heal", "--model", "/no/such/dir"], "--model: '/no/such/dir' is not a directory"),
+])
+def test_study_bad_input_is_one_line_and_exit_2(args, message):
+    rc, stdout, stderr = _run(args, "e3rl.study")
+    assert rc == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("e3rl.study: error: "), stderr
+
+
 def test_eval_decoding_settings_load_on_a_vllm_config():
     """The Qwen3 configs generate on vLLM; the README's eval decoding (T = 0.6, top-p, top-k) makes
     vLLM's one log-prob per token the policy's, which a training run must declare
@@ -152,6 +168,7 @@ def test_heal_study_agrees_with_eval_and_continues_erasures(both, tmp_path):
                    "--k", str(K), "--branches", "2", "--max-events", "4", "--out", str(path),
                    "reward.fn=tests.workloads.test_eval_cli:coin_reward", *AGGRESSIVE])
     assert rc == 0, err.getvalue()
+    assert reward_workers() == []  # the study's scorer is closed: no worker outlives it
     res = json.loads(path.read_text())
     on, off = res_eval["results"]["on"]["gym:chain_sum"], res_eval["results"]["off"]["gym:chain_sum"]
     acc = res["accuracy"]

@@ -16,6 +16,7 @@ from e3rl.config import RewardConfig
 from e3rl.rewards import (MAX_ANSWER_CHARS, extract_answer, format_reward, load_reward_fn,
                           math_reward, problem_reward)
 from e3rl.tasks import GYM_INSTRUCTION, Problem, last_boxed, load_gym
+from tests.workloads.processes import reward_workers
 
 CASES = [  # (response, gold, expected)
     ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
@@ -169,18 +170,6 @@ def test_constant_instruction_example_scores_exactly_its_base_rate():
 SLOW = "\\boxed{(x+1)^{9999}}"  # just under MAX_SYMBOLIC_EXP, so sympy expands it (> 20 s)
 
 
-def _workers() -> list[psutil.Process]:
-    """Live reward workers: the children of this process's multiprocessing forkserver."""
-    out = []
-    for child in psutil.Process().children():
-        try:
-            if "multiprocessing.forkserver" in " ".join(child.cmdline()):
-                out += [w for w in child.children() if w.status() != psutil.STATUS_ZOMBIE]
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _cpu_seconds(procs: list[psutil.Process]) -> float:
     return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
@@ -197,7 +186,7 @@ def test_scorer_kills_slow_answers_within_the_time_limit_and_scores_the_rest():
 
     def watch() -> None:
         while not done.is_set():
-            seen.update(w.pid for w in _workers())
+            seen.update(w.pid for w in reward_workers())
             time.sleep(0.05)
 
     with Scorer(cfg) as scorer:
@@ -216,7 +205,7 @@ def test_scorer_kills_slow_answers_within_the_time_limit_and_scores_the_rest():
         assert not any(s.error for s in scores)
         assert elapsed < cfg.timeout_s + 5.0, elapsed  # both slow ones ran side by side and were cut
         deadline = time.monotonic() + 5.0
-        while len(alive := _workers()) != cfg.workers and time.monotonic() < deadline:
+        while len(alive := reward_workers()) != cfg.workers and time.monotonic() < deadline:
             # the pool starts the last replacement just after the batch returns, and a killed worker
             # may take a moment to exit (seen in CI: 3 alive, a killed one still listed)
             time.sleep(0.05)
@@ -230,7 +219,7 @@ def test_scorer_kills_slow_answers_within_the_time_limit_and_scores_the_rest():
         time.sleep(0.5)
         assert _cpu_seconds(alive) - before < 0.1  # nothing is still computing a timed-out answer
         assert scorer.score(["\\boxed{5}"], [_math("again", "5")])[0].correct  # reused after timeouts
-    assert _workers() == []  # close() leaves no scoring process
+    assert reward_workers() == []  # close() leaves no scoring process
 
 
 HANG_MODULE = """
