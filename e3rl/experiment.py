@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "erase1": ("E³RL Erase@1", ["algo.e3rl=true", "heal.max_erases_per_traj=1"]),
     "erase3": ("E³RL Erase@3", ["algo.e3rl=true", "heal.max_erases_per_traj=3"]),
     "erase5": ("E³RL Erase@5 (paper)", ["algo.e3rl=true", "heal.max_erases_per_traj=5"]),
+    # GRPO given one more step than the others: at least the tokens E3RL generates (erased ones
+    # count) while E3RL's overhead stays under one step's worth: the equal-token comparison
+    "grpo_plus1": ("GRPO, one more step", ["algo.e3rl=false", "run.steps=+1"]),
 }
 DEFAULT_VARIANTS = "grpo,erase1,erase3,erase5"
 COMMON = ["run.eval_heal=plain", "run.progress=false"]
@@ -51,12 +55,18 @@ class RunSpec:
         return ["python", "-m", "e3rl.run", *([config] if config else []), *self.overrides]
 
 
-def plan(out: Path, variants: list[str], seeds: int, extra: list[str], eval_every: int) -> list[RunSpec]:
+def plan(out: Path, variants: list[str], seeds: int, extra: list[str], eval_every: int,
+         base_steps: int = 0) -> list[RunSpec]:
+    """Seed by seed (every variant of seed 0, then of seed 1, ...): an interrupted experiment has
+    whole paired seeds, which is what the comparisons use. `run.steps=+N` in a variant means
+    `base_steps` + N."""
     specs = []
-    for v in variants:
-        for s in range(seeds):
+    for s in range(seeds):
+        for v in variants:
             d = out / v / f"seed{s}"
-            ov = [*COMMON, f"run.eval_every={eval_every}", *extra, *VARIANTS[v][1],
+            own = [f"run.steps={base_steps + int(o.split('+')[1])}" if o.startswith("run.steps=+") else o
+                   for o in VARIANTS[v][1]]
+            ov = [*COMMON, f"run.eval_every={eval_every}", *extra, *own,
                   f"run.seed={s}", f"data.seed={s}", f"run.output_dir={d}"]
             specs.append(RunSpec(v, s, d, ov))
     return specs
@@ -70,7 +80,13 @@ def is_done(spec: RunSpec, config: Optional[str]) -> bool:
     return json.loads(summary.read_text()).get("steps") == steps and (spec.out / "policy").is_dir()
 
 
-def run_local(spec: RunSpec, config: Optional[str]) -> float:
+def drop_checkpoints(spec: RunSpec) -> None:
+    """A finished run's resumable checkpoints (~4x the policy: optimizer state) are not needed for
+    the comparison, which reads its metrics, summary and exported policy."""
+    shutil.rmtree(spec.out / "checkpoints", ignore_errors=True)
+
+
+def run_local(spec: RunSpec, config: Optional[str], keep_checkpoints: bool = True) -> float:
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     log = spec.out.parent / f"{spec.out.name}.log"
     t = time.time()
@@ -78,6 +94,8 @@ def run_local(spec: RunSpec, config: Optional[str]) -> float:
         rc = subprocess.call([sys.executable, *spec.command(config)[1:]], stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         raise RuntimeError(f"{spec.variant} seed {spec.seed} failed (exit {rc}): see {log}")
+    if not keep_checkpoints:
+        drop_checkpoints(spec)
     return time.time() - t
 
 
@@ -242,6 +260,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--eval-every", type=int, default=4, help="held-out evaluation every N steps (the curve points)")
     p.add_argument("--parallel", type=int, default=1, help="local runs at once (1 = in sequence: honest timings)")
     p.add_argument("--ray-address", default="", help="submit the runs as Ray jobs to this dashboard address")
+    p.add_argument("--drop-checkpoints", action="store_true",
+                   help="delete each finished run's checkpoints/ (keeps metrics, report and policy/): ~1.6 GB "
+                        "per run of the default model")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if a.config and "=" in a.config:
         a.overrides, a.config = [a.config, *a.overrides], None
@@ -252,7 +273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"--variants/--seeds: unknown {unknown} or seeds < 1 — use seeds >= 1 and variants "
                               f"from {list(VARIANTS)}")
         out = Path(a.out).resolve()  # absolute: a Ray job's working dir is a temporary copy of this one
-        specs = plan(out, variants, a.seeds, a.overrides, a.eval_every)
+        base_steps = load_config(a.config, a.overrides).run.steps
+        specs = plan(out, variants, a.seeds, a.overrides, a.eval_every, base_steps)
         for s in specs:
             load_config(a.config, s.overrides)  # every run's config is valid before any starts
     except ConfigError as e:
@@ -263,11 +285,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already done", flush=True)
     if a.ray_address and todo:
         run_as_jobs(todo, a.config, a.ray_address)
+        for s in todo if a.drop_checkpoints else []:
+            drop_checkpoints(s)
     if not a.ray_address:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=max(a.parallel, 1)) as pool:  # each run is its own process
-            for s, secs in zip(todo, pool.map(lambda s: run_local(s, a.config), todo)):
+            for s, secs in zip(todo, pool.map(lambda s: run_local(s, a.config, not a.drop_checkpoints), todo)):
                 print(f"  {s.variant} seed {s.seed}: {secs:.0f} s", flush=True)
     curves = {v: [run_curves(s.out) for s in specs if s.variant == v] for v in variants}
     res = write_outputs(out, curves, a.target, time.time() - t0)

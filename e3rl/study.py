@@ -178,10 +178,13 @@ def table(res: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from e3rl.eval import CliParser, build_config, cli_main
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["train"]:
+        return _train_main(args[1:])
+
     def run() -> tuple[dict[str, Any], Optional[str]]:
-        args = list(sys.argv[1:] if argv is None else argv)
         if not args or args[0] != "heal":
-            raise ConfigError("name a study — python -m e3rl.study heal [options] (see --help after it)")
+            raise ConfigError("name a study — python -m e3rl.study heal|train [options] (see --help after it)")
         h = CliParser("python -m e3rl.study heal", __doc__)
         h.add_argument("--model", help="local HF model dir (sets model.path), as in e3rl.eval")
         h.add_argument("--config", help="run config YAML (default: DIR/../config.yaml of --model, else built-in)")
@@ -200,6 +203,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_heal_study(cfg, a.data, a.k, a.size, a.branches, a.max_events), a.out
 
     return cli_main("e3rl.study", run, table)
+
+
+def _train_main(args: list[str]) -> int:
+    from pathlib import Path
+
+    from e3rl import train_study
+    from e3rl.eval import CliParser, cli_main
+
+    def run() -> tuple[dict[str, Any], Optional[str]]:
+        h = CliParser("python -m e3rl.study train", train_study.__doc__)
+        h.add_argument("--experiment", required=True, help="an e3rl.experiment --out dir")
+        h.add_argument("--data", default="gym:chain_sum", help="one benchmark: a file or gym:<task>")
+        h.add_argument("--size", type=int, default=200, help="held-out problems (seeded, data.seed=0)")
+        h.add_argument("--k", type=int, default=4, help="samples per problem")
+        h.add_argument("--pairs", default="", help="a:b comparisons (default: every variant vs grpo, "
+                                                   "erase5 vs grpo_plus1)")
+        h.add_argument("--out", help="write the JSON result here")
+        a = h.parse_args(args)
+        if a.size < 2 or a.k < 1:
+            raise ConfigError(f"--size / --k: need >= 2 problems and >= 1 sample, got {a.size} / {a.k} — e.g. --size 200 --k 4")
+        res = train_study.run_train_study(Path(a.experiment), a.data, a.size, a.k, a.pairs)
+        return train_study.to_json(res), a.out
+
+    return cli_main("e3rl.study", run, train_study.table)
 
 if __name__ == "__main__":
     sys.exit(main())

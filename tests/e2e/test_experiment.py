@@ -13,7 +13,8 @@ import pytest
 from tests.e2e.test_run_tiny import REPO, REWARD_FN, run_env
 
 ARGS = ["configs/tiny.yaml", "run.steps=2", f"reward.fn={REWARD_FN}", "heal.threshold_k=0",
-        "heal.history_weight=0", "--seeds", "1", "--variants", "grpo,erase1", "--eval-every", "1", "--parallel", "2"]
+        "heal.history_weight=0", "--seeds", "1", "--variants", "grpo,erase1", "--eval-every", "1", "--parallel", "2",
+        "--drop-checkpoints"]
 
 
 def experiment(out) -> subprocess.CompletedProcess:
@@ -74,6 +75,7 @@ def test_each_run_has_its_report_and_traces(exp):
         assert sum("eval/accuracy" in r for r in rows) == 3  # before, after step 1, after step 2
         cfg = (run / "config.yaml").read_text()
         assert "eval_heal: plain" in cfg and "seed: 0" in cfg
+        assert (run / "policy" / "config.json").is_file() and not (run / "checkpoints").exists()  # --drop-checkpoints
     # erased segments are shown struck through only where healing ran
     assert "<del title=" in (out / "erase1" / "seed0" / "report.html").read_text()
     assert "<del title=" not in (out / "grpo" / "seed0" / "report.html").read_text()
@@ -86,3 +88,37 @@ def test_rerun_reuses_finished_runs(exp):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "2 runs, 2 already done" in p.stdout
     assert time.time() - t < 60
+
+
+def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
+    """`python -m e3rl.study train` over the experiment: each final policy's held-out Avg@k equals
+    `e3rl.eval`'s for that policy with the same set, k and seeds; the comparison is the paired
+    difference. Seed 1 is seed 0's run again (linked), so the per-seed differences are equal."""
+    out, _ = exp
+    two = tmp_path / "two_seeds"
+    for v in ("grpo", "erase1"):
+        (two / v).mkdir(parents=True)
+        for s in (0, 1):
+            (two / v / f"seed{s}").symlink_to(out / v / "seed0", target_is_directory=True)
+    res_path, ref_path = tmp_path / "train.json", tmp_path / "ref.json"
+    p = subprocess.run([sys.executable, "-m", "e3rl.study", "train", "--experiment", str(two), "--size", "4",
+                        "--k", "2", "--out", str(res_path)], cwd=REPO, env=run_env(), capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(res_path.read_text())
+    c = res["comparisons"]["erase1:grpo"]["avg@k"]
+    assert c["seeds"] == [0, 1] and c["per_seed"][0] == c["per_seed"][1] and c["seed_sd"] == 0.0
+    diff = res["variants"]["erase1"]["avg"] - res["variants"]["grpo"]["avg"]
+    assert c["difference"]["mean"] == pytest.approx(diff) and c["per_seed"][0] == pytest.approx(diff)
+    assert res["comparisons"]["erase1:grpo"]["token_ratio"] > 1.0  # erased tokens count
+    for v in ("grpo", "erase1"):
+        run = res["per_run"][v]["0"]
+        assert run["tokens_generated"] > 0 and run["entropy_first"] > 0
+        ref = subprocess.run([sys.executable, "-m", "e3rl.eval", "--model", str(out / v / "seed0" / "policy"),
+                              "--data", "gym:chain_sum", "--size", "4", "--k", "2", "--heal", "off",
+                              "--out", str(ref_path), "data.seed=0", "run.seed=0"],
+                             cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=400)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        expected = json.loads(ref_path.read_text())["results"]["off"]["gym:chain_sum"]["avg@2"]
+        assert res["variants"][v]["avg"] == pytest.approx(expected)
+    assert "erase1:grpo: avg@k" in p.stdout

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from actors.rollout_stats import merge_stats, rollout_stats, segment_stats
+from e3rl.config import load_config
 from e3rl.experiment import VARIANTS, markdown_table, mean_std, plan, samples_to_target, table_rows
 from e3rl.report import build_report, pick_samples, render_trajectory
 from e3rl.traces import read_traces, write_trace
@@ -108,13 +109,20 @@ def test_samples_to_target_and_table_numbers():
 
 
 def test_plan_gives_every_variant_the_same_seeds_and_budget(tmp_path):
-    specs = plan(tmp_path, ["grpo", "erase3"], seeds=2, extra=["run.steps=4"], eval_every=2)
-    assert [(s.variant, s.seed) for s in specs] == [("grpo", 0), ("grpo", 1), ("erase3", 0), ("erase3", 1)]
+    specs = plan(tmp_path, ["grpo", "erase3", "grpo_plus1"], seeds=2, extra=["run.steps=4"], eval_every=2,
+                 base_steps=4)
+    # seed by seed: a stopped experiment leaves whole paired seeds
+    assert [(s.variant, s.seed) for s in specs] == [("grpo", 0), ("erase3", 0), ("grpo_plus1", 0),
+                                                    ("grpo", 1), ("erase3", 1), ("grpo_plus1", 1)]
     for s in specs:
         assert f"run.seed={s.seed}" in s.overrides and f"data.seed={s.seed}" in s.overrides
         assert "run.steps=4" in s.overrides and "run.eval_heal=plain" in s.overrides
         assert s.overrides[-1] == f"run.output_dir={tmp_path / s.variant / f'seed{s.seed}'}"
-        assert all(o in s.overrides for o in VARIANTS[s.variant][1])
+        if s.variant == "grpo_plus1":  # one more step than the others; the later override wins
+            assert load_config(None, s.overrides).run.steps == 5
+        else:
+            assert all(o in s.overrides for o in VARIANTS[s.variant][1])
+            assert load_config(None, s.overrides).run.steps == 4
 
 
 def test_report_page_from_a_hand_written_run(tmp_path):
