@@ -82,6 +82,26 @@ def threshold_figure(steps: list[dict]) -> str:
     ])
 
 
+def entropy_figure(steps: list[dict]) -> str:
+    """Healing keeps low-probability segments out of the kept stream the learner trains on, so it
+    may collapse entropy faster than GRPO: the curve to compare between runs. The log-prob
+    mismatch (right axis) shows whether the generator still samples the learner's policy."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    xs, ys = _series(steps, "learner/entropy")
+    ax.plot(xs, ys, "o-", label="policy entropy (nats/token, training batch)")
+    ax.set(title="Policy entropy and generator–learner mismatch", xlabel="step", ylabel="entropy (nats)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    dx, dy = _series(steps, "learner/logp_diff_mean")
+    right.plot(dx, dy, "x--", color="tab:red", label="mean |logp generator − learner|")
+    right.set_ylabel("log-prob mismatch")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    if xs or dx:
+        ax.legend(handles=handles, fontsize=8)
+    return png(fig)
+
+
 def phase_figure(steps: list[dict]) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     xs = [r["step"] for r in steps]
@@ -217,7 +237,8 @@ def build_report(run_dir: Path, tokenizer: Any = None) -> str:
                ("Rewind rate", "rewinds", rewind_figure(steps)),
                ("Phase times", "phases", phase_figure(steps)),
                ("Uncertainty of kept vs erased segments", "uncertainty", uncertainty_figure(traces)),
-               ("Threshold over training", "threshold", threshold_figure(steps))]
+               ("Threshold over training", "threshold", threshold_figure(steps)),
+               ("Policy entropy", "entropy", entropy_figure(steps))]
     for name, anchor, data in figures:
         parts.append(f"<h2 id={anchor}>{name}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
     parts.append("<h2 id=samples>Sample trajectories</h2><p class=legend>colour = surprisal "

@@ -67,9 +67,9 @@ def test_each_run_has_its_report_and_traces(exp):
     for v in ("grpo", "erase1"):
         run = out / v / "seed0"
         page = (run / "report.html").read_text()
-        for anchor in ("summary", "reward", "rewinds", "phases", "uncertainty", "threshold", "samples"):
+        for anchor in ("summary", "reward", "rewinds", "phases", "uncertainty", "threshold", "entropy", "samples"):
             assert f"<h2 id={anchor}>" in page, (v, anchor)
-        assert page.count("data:image/png;base64,") == 5
+        assert page.count("data:image/png;base64,") == 6
         assert sorted(p.name for p in (run / "traces").iterdir()) == ["step_000001.arrow", "step_000002.arrow"]
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert sum("eval/accuracy" in r for r in rows) == 3  # before, after step 1, after step 2

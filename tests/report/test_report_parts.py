@@ -134,8 +134,21 @@ def test_report_page_from_a_hand_written_run(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 1, "samples": 8, "e3rl": True, "peak_kv_bytes": 2e6}))
     write_trace(tmp_path, 1, [_traj()])
     page = build_report(tmp_path, tokenizer=None)
-    for anchor in ("summary", "reward", "rewinds", "phases", "uncertainty", "threshold", "samples"):
+    for anchor in ("summary", "reward", "rewinds", "phases", "uncertainty", "threshold", "entropy", "samples"):
         assert f"<h2 id={anchor}>" in page
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6
     assert page.count("<del ") == 2 and "<td>peak KV cache (MB)</td><td>2.000</td>" in page
     assert "<script" not in page and "http" not in page.replace("http-equiv", "")  # offline, self-contained
+
+
+def test_entropy_figure_plots_the_runs_entropy_and_mismatch(monkeypatch):
+    import e3rl.report as report
+
+    drawn = {}
+    monkeypatch.setattr(report, "png", lambda fig: drawn.setdefault(
+        "lines", [(tuple(l.get_xdata()), tuple(l.get_ydata())) for a in fig.axes for l in a.get_lines()]) and "x")
+    steps = [{"step": 1, "learner/entropy": 2.0, "learner/logp_diff_mean": 1e-4},
+             {"step": 2, "learner/entropy": 1.6},
+             {"step": 3, "learner/entropy": 1.1, "learner/logp_diff_mean": 3e-4}]
+    report.entropy_figure(steps)
+    assert drawn["lines"] == [((1, 2, 3), (2.0, 1.6, 1.1)), ((1, 3), (1e-4, 3e-4))]
