@@ -219,11 +219,14 @@ def _train_main(args: list[str]) -> int:
         h.add_argument("--k", type=int, default=4, help="samples per problem")
         h.add_argument("--pairs", default="", help="a:b comparisons (default: every variant vs grpo, "
                                                    "erase5 vs grpo_plus1)")
+        h.add_argument("--test-time-heal", action="store_true",
+                       help="also sample every policy with test-time healing (variants named <v>+heal)")
         h.add_argument("--out", help="write the JSON result here")
         a = h.parse_args(args)
         if a.size < 2 or a.k < 1:
             raise ConfigError(f"--size / --k: need >= 2 problems and >= 1 sample, got {a.size} / {a.k} — e.g. --size 200 --k 4")
-        res = train_study.run_train_study(Path(a.experiment), a.data, a.size, a.k, a.pairs)
+        res = train_study.run_train_study(Path(a.experiment), a.data, a.size, a.k, a.pairs,
+                                          a.test_time_heal)
         return train_study.to_json(res), a.out
 
     return cli_main("e3rl.study", run, train_study.table)

@@ -25,9 +25,10 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from e3rl.core.stats import Interval, crossed_bootstrap_mean_ci, min_detectable_effect
+from e3rl.core.stats import Interval, bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect
 
-EVAL_FILE = "heldout_eval.json"
+HEALED = "+heal"  # a variant's final policy sampled with test-time healing
+EVAL_FILES = {"plain": "heldout_eval.json", "healed": "heldout_eval_healed.json"}
 
 
 # ------------------------------------------------------------------ pure parts
@@ -54,6 +55,14 @@ def compare_pair(a: dict[int, list[float]], b: dict[int, list[float]], seed: int
         out |= {"difference": crossed_bootstrap_mean_ci(table, seed=seed), "seed_sd": sd,
                 "mde": min_detectable_effect(sd, len(seeds))}
     return out
+
+
+def compare_scalar(a: dict[int, float], b: dict[int, float], seed: int = 0) -> dict[str, Any]:
+    """a - b for one number per run (e.g. its entropy slope), paired by seed, bootstrapped over seeds."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    return {"seeds": seeds, "per_seed": diffs,
+            "difference": bootstrap_mean_ci(diffs, seed=seed) if len(seeds) >= 2 else None}
 
 
 def slope(ys: Sequence[float]) -> float:
@@ -88,12 +97,17 @@ def parse_pairs(text: str, variants: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def default_pairs(variants: Sequence[str], baseline: str = "grpo") -> list[tuple[str, str]]:
+def default_pairs(variants: Sequence[str], baseline: str = "grpo", test_time_heal: bool = False) -> list[tuple[str, str]]:
     """Every variant against GRPO, and E3RL (Erase@5) against GRPO given one more step (at least
-    E3RL's generated tokens: the equal-token comparison, conservative for E3RL)."""
+    E3RL's generated tokens: the equal-token comparison, conservative for E3RL). With test-time
+    healing evaluated too: healing at test time only (GRPO healed vs plain), in training given
+    healing at test time (Erase@5 healed vs GRPO healed), and everywhere vs nowhere."""
     pairs = [(v, baseline) for v in variants if v != baseline and v != "grpo_plus1" and baseline in variants]
     if "erase5" in variants and "grpo_plus1" in variants:
         pairs.append(("erase5", "grpo_plus1"))
+    if test_time_heal and baseline in variants:
+        b = baseline + HEALED
+        pairs += [(b, baseline)] + [(v + HEALED, x) for v in variants if v.startswith("erase") for x in (b, baseline)]
     return pairs
 
 
@@ -108,8 +122,10 @@ def finished_runs(experiment: Path) -> dict[str, dict[int, Path]]:
     return out
 
 
-def evaluate_run(run: Path, spec: str, size: int, k: int) -> dict[str, Any]:
-    """The run's final policy on the fixed held-out set (cached in the run dir)."""
+def evaluate_run(run: Path, spec: str, size: int, k: int, modes: Sequence[str] = ("plain",)) -> dict[str, Any]:
+    """The run's final policy on the fixed held-out set, sampled plainly and/or with test-time
+    healing ("plain", "healed") -> {mode: result}. Each mode is cached in the run dir; the missing
+    ones are sampled on one generator group."""
     import argparse
 
     from e3rl.eval import build_config, generator_group, load_sets, prepare_model
@@ -117,25 +133,30 @@ def evaluate_run(run: Path, spec: str, size: int, k: int) -> dict[str, Any]:
     from e3rl.rundir import write_json_atomic
 
     key = {"data": spec, "size": size, "k": k, "data_seed": 0, "sample_seed": 0}
-    cache = run / EVAL_FILE
-    if cache.is_file():
-        got = json.loads(cache.read_text())
-        if got.get("key") == key:
-            return got
+    out: dict[str, Any] = {}
+    for mode in modes:
+        cache = run / EVAL_FILES[mode]
+        if cache.is_file() and (got := json.loads(cache.read_text())).get("key") == key:
+            out[mode] = got
+    todo = [m for m in modes if m not in out]
+    if not todo:
+        return out
     cfg = build_config(argparse.Namespace(data=[spec], model=str(run / "policy"), config=None, k=k, size=size,
                                           overrides=["data.seed=0", "run.seed=0", "run.progress=false"]))
     cfg, tokenizer = prepare_model(cfg)
     es = load_sets(cfg, [spec], size, tokenizer)[0]
     with generator_group(cfg) as group:
-        rows = sample_rows(group, es, k, heal=False, seed=0)[0]
-    res = {"key": key, "problems": [p.uid for p in es.problems],
-           "correct": [[bool(t.correct) for t in row] for row in rows],
-           "tokens_per_sample": statistics.fmean(len(t.stream_ids) for row in rows for t in row)}
-    write_json_atomic(cache, res)
-    return res
+        for mode in todo:
+            rows = sample_rows(group, es, k, heal=mode == "healed", seed=0)[0]
+            out[mode] = {"key": key, "problems": [p.uid for p in es.problems],
+                         "correct": [[bool(t.correct) for t in row] for row in rows],
+                         "tokens_per_sample": statistics.fmean(len(t.stream_ids) for row in rows for t in row)}
+            write_json_atomic(run / EVAL_FILES[mode], out[mode])
+    return out
 
 
-def run_train_study(experiment: Path, spec: str, size: int, k: int, pairs_text: str) -> dict[str, Any]:
+def run_train_study(experiment: Path, spec: str, size: int, k: int, pairs_text: str,
+                    test_time_heal: bool = False) -> dict[str, Any]:
     from e3rl.config import ConfigError
     from e3rl.experiment import VARIANTS
     from e3rl.metrics import read_metrics
@@ -146,19 +167,24 @@ def run_train_study(experiment: Path, spec: str, size: int, k: int, pairs_text: 
     if not runs:
         raise ConfigError(f"--experiment: no finished run (<variant>/seed<k>/policy) under {experiment} — "
                           "run python -m e3rl.experiment first")
-    pairs = parse_pairs(pairs_text, list(runs)) if pairs_text else default_pairs(list(runs))
+    modes = ("plain", "healed") if test_time_heal else ("plain",)
+    names = [v + suffix for v in runs for suffix in ("", HEALED)[:len(modes)]]
+    pairs = parse_pairs(pairs_text, names) if pairs_text else default_pairs(list(runs), test_time_heal=test_time_heal)
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
     for v, seeds in runs.items():
         for s, run in sorted(seeds.items()):
-            ev = evaluate_run(run, spec, size, k)
-            steps, _ = read_metrics(run)
-            per_run.setdefault(v, {})[s] = {"avg": [sum(r) / k for r in ev["correct"]],
-                                            "pass": [float(any(r)) for r in ev["correct"]],
-                                            "eval_tokens_per_sample": ev["tokens_per_sample"], **run_trends(steps)}
+            evs = evaluate_run(run, spec, size, k, modes)
+            trends = run_trends(read_metrics(run)[0])
+            for mode, ev in evs.items():
+                per_run.setdefault(v + (HEALED if mode == "healed" else ""), {})[s] = {
+                    "avg": [sum(r) / k for r in ev["correct"]], "pass": [float(any(r)) for r in ev["correct"]],
+                    "eval_tokens_per_sample": ev["tokens_per_sample"], **trends}
     variants = {}
     for v, seeds in per_run.items():
         xs = list(seeds.values())
-        variants[v] = {"label": VARIANTS.get(v, (v,))[0], "seeds": sorted(seeds),
+        base = v.removesuffix(HEALED)
+        label = VARIANTS.get(base, (base,))[0] + (", healed at test time" if v != base else "")
+        variants[v] = {"label": label, "seeds": sorted(seeds),
                        **{f"{m}": statistics.fmean(statistics.fmean(x[m]) if isinstance(x[m], list) else x[m]
                                                    for x in xs)
                           for m in ("avg", "pass", "tokens_generated", "entropy_first", "entropy_last",
@@ -166,8 +192,8 @@ def run_train_study(experiment: Path, spec: str, size: int, k: int, pairs_text: 
     comparisons = {}
     for a, b in pairs:
         avg = compare_pair({s: r["avg"] for s, r in per_run[a].items()}, {s: r["avg"] for s, r in per_run[b].items()})
-        ent = compare_pair({s: [r["entropy_slope"]] * 2 for s, r in per_run[a].items()},
-                           {s: [r["entropy_slope"]] * 2 for s, r in per_run[b].items()})
+        ent = compare_scalar({s: r["entropy_slope"] for s, r in per_run[a].items()},
+                             {s: r["entropy_slope"] for s, r in per_run[b].items()})
         tok = [per_run[a][s]["tokens_generated"] / per_run[b][s]["tokens_generated"] for s in avg["seeds"]]
         comparisons[f"{a}:{b}"] = {"avg@k": avg, "entropy_slope": ent,
                                    "token_ratio": statistics.fmean(tok) if tok else None}

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from e3rl.config import ConfigError
-from e3rl.core.stats import crossed_bootstrap_mean_ci, min_detectable_effect
-from e3rl.train_study import compare_pair, default_pairs, paired_table, parse_pairs, run_trends, slope
+from e3rl.core.stats import bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect
+from e3rl.train_study import (compare_pair, compare_scalar, default_pairs, paired_table, parse_pairs, run_trends,
+                               slope)
 
 
 def test_paired_table_keeps_the_seeds_both_variants_finished_and_subtracts_per_problem():
@@ -63,7 +64,17 @@ def test_default_pairs_compare_with_grpo_and_at_equal_tokens_with_grpo_given_one
     assert default_pairs(["grpo", "erase1", "erase5", "grpo_plus1"]) == [
         ("erase1", "grpo"), ("erase5", "grpo"), ("erase5", "grpo_plus1")]
     assert default_pairs(["erase1", "erase5"]) == []
+    # test-time healing evaluated too: test time only, training given test time, everywhere vs nowhere
+    assert default_pairs(["grpo", "erase5"], test_time_heal=True) == [
+        ("erase5", "grpo"), ("grpo+heal", "grpo"), ("erase5+heal", "grpo+heal"), ("erase5+heal", "grpo")]
     assert parse_pairs("erase5:grpo, erase1:grpo", ["grpo", "erase1", "erase5"]) == [("erase5", "grpo"),
                                                                                       ("erase1", "grpo")]
     with pytest.raises(ConfigError, match="--pairs: 'erase3:grpo' is not variant:variant"):
         parse_pairs("erase3:grpo", ["grpo", "erase5"])
+
+
+def test_compare_scalar_pairs_one_number_per_run_by_seed():
+    c = compare_scalar({0: -0.10, 1: -0.05, 2: -0.20, 5: 1.0}, {0: -0.02, 1: -0.04, 2: -0.08})
+    assert c["seeds"] == [0, 1, 2] and c["per_seed"] == pytest.approx([-0.08, -0.01, -0.12])
+    assert c["difference"] == bootstrap_mean_ci(c["per_seed"])
+    assert compare_scalar({0: 1.0}, {0: 0.5})["difference"] is None

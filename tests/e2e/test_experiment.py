@@ -91,9 +91,9 @@ def test_rerun_reuses_finished_runs(exp):
 
 
 def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
-    """`python -m e3rl.study train` over the experiment: each final policy's held-out Avg@k equals
-    `e3rl.eval`'s for that policy with the same set, k and seeds; the comparison is the paired
-    difference. Seed 1 is seed 0's run again (linked), so the per-seed differences are equal."""
+    """`python -m e3rl.study train` over the experiment: each final policy's held-out Avg@k, plain
+    and healed at test time, equals `e3rl.eval`'s for that policy with the same set, k and seeds;
+    the comparison is the paired difference. Seed 1 is seed 0's run again (linked), so the per-seed differences are equal."""
     out, _ = exp
     two = tmp_path / "two_seeds"
     for v in ("grpo", "erase1"):
@@ -102,7 +102,7 @@ def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
             (two / v / f"seed{s}").symlink_to(out / v / "seed0", target_is_directory=True)
     res_path, ref_path = tmp_path / "train.json", tmp_path / "ref.json"
     p = subprocess.run([sys.executable, "-m", "e3rl.study", "train", "--experiment", str(two), "--size", "4",
-                        "--k", "2", "--out", str(res_path)], cwd=REPO, env=run_env(), capture_output=True,
+                        "--k", "2", "--test-time-heal", "--out", str(res_path)], cwd=REPO, env=run_env(), capture_output=True,
                        text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(res_path.read_text())
@@ -115,10 +115,12 @@ def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
         run = res["per_run"][v]["0"]
         assert run["tokens_generated"] > 0 and run["entropy_first"] > 0
         ref = subprocess.run([sys.executable, "-m", "e3rl.eval", "--model", str(out / v / "seed0" / "policy"),
-                              "--data", "gym:chain_sum", "--size", "4", "--k", "2", "--heal", "off",
+                              "--data", "gym:chain_sum", "--size", "4", "--k", "2", "--heal", "both",
                               "--out", str(ref_path), "data.seed=0", "run.seed=0"],
                              cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=400)
         assert ref.returncode == 0, ref.stderr[-3000:]
-        expected = json.loads(ref_path.read_text())["results"]["off"]["gym:chain_sum"]["avg@2"]
-        assert res["variants"][v]["avg"] == pytest.approx(expected)
+        expected = json.loads(ref_path.read_text())["results"]
+        assert res["variants"][v]["avg"] == pytest.approx(expected["off"]["gym:chain_sum"]["avg@2"])
+        assert res["variants"][v + "+heal"]["avg"] == pytest.approx(expected["on"]["gym:chain_sum"]["avg@2"])
+    assert {"grpo+heal:grpo", "erase1+heal:grpo+heal", "erase1+heal:grpo"} <= set(res["comparisons"])
     assert "erase1:grpo: avg@k" in p.stdout
