@@ -36,6 +36,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "erase1": ("E³RL Erase@1", ["algo.e3rl=true", "heal.max_erases_per_traj=1"]),
     "erase3": ("E³RL Erase@3", ["algo.e3rl=true", "heal.max_erases_per_traj=3"]),
     "erase5": ("E³RL Erase@5 (paper)", ["algo.e3rl=true", "heal.max_erases_per_traj=5"]),
+    # ablations of E3RL (Erase@5): erased segments get no credit; credit allocated uniformly
+    "erase5_zero": ("E³RL Erase@5, erased credit zero", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
+                                                          "algo.erased_credit=zero"]),
+    "erase5_uniform": ("E³RL Erase@5, uniform allocation", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
+                                                             "algo.allocation=uniform"]),
     # GRPO given one more step than the others: at least the tokens E3RL generates (erased ones
     # count) while E3RL's overhead stays under one step's worth: the equal-token comparison
     "grpo_plus1": ("GRPO, one more step", ["algo.e3rl=false", "run.steps=+1"]),
