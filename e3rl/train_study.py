@@ -170,8 +170,9 @@ def run_train_study(experiment: Path, spec: str, size: int, k: int, pairs_text: 
     modes = ("plain", "healed") if test_time_heal else ("plain",)
     names = [v + suffix for v in runs for suffix in ("", HEALED)[:len(modes)]]
     pairs = parse_pairs(pairs_text, names) if pairs_text else default_pairs(list(runs), test_time_heal=test_time_heal)
+    needed = {x.removesuffix(HEALED) for pair in pairs for x in pair}  # evaluate only what is compared
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
-    for v, seeds in runs.items():
+    for v, seeds in ((v, seeds) for v, seeds in runs.items() if v in needed):
         for s, run in sorted(seeds.items()):
             evs = evaluate_run(run, spec, size, k, modes)
             trends = run_trends(read_metrics(run)[0])
