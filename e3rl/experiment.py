@@ -41,6 +41,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                                           "algo.erased_credit=zero"]),
     "erase5_uniform": ("E³RL Erase@5, uniform allocation", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
                                                              "algo.allocation=uniform"]),
+    # the generator-learner mismatch (protocol part 4, item 5): the learner computes in fp32 (it sees
+    # its fp32 masters), or the generators run bf16 (they see what a bf16 learner computes with)
+    "grpo_fp32": ("GRPO, fp32 learner", ["algo.e3rl=false", "learner.dtype=float32"]),
+    "erase5_fp32": ("E³RL Erase@5, fp32 learner", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
+                                                   "learner.dtype=float32"]),
+    "grpo_bf16gen": ("GRPO, bf16 generators", ["algo.e3rl=false", "model.dtype=bfloat16"]),
+    "erase5_bf16gen": ("E³RL Erase@5, bf16 generators", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
+                                                         "model.dtype=bfloat16"]),
     # GRPO given one more step than the others: at least the tokens E3RL generates (erased ones
     # count) while E3RL's overhead stays under one step's worth: the equal-token comparison
     "grpo_plus1": ("GRPO, one more step", ["algo.e3rl=false", "run.steps=+1"]),
