@@ -209,10 +209,10 @@ def _fmt(i: Optional[dict[str, Any]]) -> str:
 
 def table(res: dict[str, Any]) -> str:
     """The JSON form (`to_json`) as text: one row per variant, one line per comparison."""
-    lines = [f"{res['data']}: {res['size']} held-out problems x k={res['k']}, plain sampling",
-             "variant          seeds  avg@k   pass@k  tokens  entropy first->last (slope/step)  logp_diff"]
+    lines = [f"{res['data']}: {res['size']} held-out problems x k={res['k']}, plain sampling ({HEALED}: healed)",
+             "variant              seeds  avg@k   pass@k  tokens  entropy first->last (slope/step)  logp_diff"]
     for v, r in res["variants"].items():
-        lines.append(f"{v:<16} {len(r['seeds']):>5}  {r['avg']:.3f}   {r['pass']:.3f}  {r['tokens_generated']:>6.0f}  "
+        lines.append(f"{v:<20} {len(r['seeds']):>5}  {r['avg']:.3f}   {r['pass']:.3f}  {r['tokens_generated']:>6.0f}  "
                      f"{r['entropy_first']:.3f} -> {r['entropy_last']:.3f} ({r['entropy_slope']:+.4f})"
                      f"          {r['logp_diff_mean']:.2e}")
     for pair, c in res["comparisons"].items():
@@ -220,6 +220,8 @@ def table(res: dict[str, Any]) -> str:
         mde = f", MDE {a['mde']:.3f}" if a["mde"] is not None else ""
         lines.append(f"  {pair}: avg@k {_fmt(a['difference'])} over {len(a['seeds'])} seeds{mde}; "
                      f"entropy slope {_fmt(c['entropy_slope']['difference'])}; tokens x{c['token_ratio'] or float('nan'):.3f}")
+        if pair.endswith(":grpo_plus1") and (c["token_ratio"] or 0.0) > 1.0:
+            lines.append("    ! grpo_plus1 generated fewer tokens than its comparator: not an equal-token comparison")
     return "\n".join(lines)
 
 
