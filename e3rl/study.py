@@ -213,7 +213,9 @@ def _train_main(args: list[str]) -> int:
 
     def run() -> tuple[dict[str, Any], Optional[str]]:
         h = CliParser("python -m e3rl.study train", train_study.__doc__)
-        h.add_argument("--experiment", required=True, help="an e3rl.experiment --out dir")
+        h.add_argument("--experiment", help="an e3rl.experiment --out dir (its finished runs)")
+        h.add_argument("--records", help="the runs' records dir (default <experiment>/records): read, and "
+                                         "written for runs evaluated now; alone, the analysis of what it holds")
         h.add_argument("--data", default="gym:chain_sum", help="one benchmark: a file or gym:<task>")
         h.add_argument("--size", type=int, default=200, help="held-out problems (seeded, data.seed=0)")
         h.add_argument("--k", type=int, default=4, help="samples per problem")
@@ -222,11 +224,16 @@ def _train_main(args: list[str]) -> int:
         h.add_argument("--test-time-heal", action="store_true",
                        help="also sample every policy with test-time healing (variants named <v>+heal)")
         h.add_argument("--out", help="write the JSON result here")
+        h.add_argument("--plot", help="draw accuracy per seed, entropy and log-prob mismatch curves to this PNG")
         a = h.parse_args(args)
         if a.size < 2 or a.k < 1:
             raise ConfigError(f"--size / --k: need >= 2 problems and >= 1 sample, got {a.size} / {a.k} — e.g. --size 200 --k 4")
-        res = train_study.run_train_study(Path(a.experiment), a.data, a.size, a.k, a.pairs,
-                                          a.test_time_heal)
+        res = train_study.run_train_study(Path(a.experiment) if a.experiment else None, a.data, a.size, a.k,
+                                          a.pairs, a.test_time_heal, Path(a.records) if a.records else None)
+        if a.plot:
+            from e3rl.study_plots import plot_study
+
+            print(f"e3rl.study: wrote {plot_study(res, Path(a.plot))}")
         return train_study.to_json(res), a.out
 
     return cli_main("e3rl.study", run, train_study.table)

@@ -2,14 +2,18 @@
 Erase@k, the same seeds), from each finished run's final policy evaluated on one fixed held-out
 set with plain sampling.
 
-    python -m e3rl.study train --experiment runs/experiment [--data gym:chain_sum] [--size 200]
-                               [--k 4] [--pairs erase5:grpo,...] [--out FILE.json]
+    python -m e3rl.study train [--experiment runs/experiment] [--records DIR] [--data gym:chain_sum]
+                               [--size 200] [--k 4] [--pairs erase5:grpo,...] [--test-time-heal]
+                               [--out FILE.json]
 
 - Every final policy (`<experiment>/<variant>/seed<s>/policy`) samples k answers to the same
   `--size` held-out problems (the held-out draw of `data.seed=0`, whatever seed trained it), plain
-  sampling, the run's own decoding settings, sampling seed 0. Each run's per-problem correctness
-  is kept next to it (`heldout_eval.json`), so re-running evaluates only new runs: seeds can be
-  added session by session.
+  sampling, the run's own decoding settings, sampling seed 0.
+- What a comparison needs of a run (its per-problem correctness, per-step entropy, log-prob
+  mismatch and reward, token counts) is kept as a small record, `<records>/<variant>/seed<s>.json`
+  (default `<experiment>/records`). Re-running evaluates only runs without one, and the analysis
+  runs from records alone (`--records DIR` without `--experiment`): run dirs (1.6 GB each) need
+  not outlive their record, and records committed to git carry an experiment across machines.
 - A pair `a:b` compares variant a with b on the seeds both finished: the per-(seed, problem)
   difference of Avg@k, with a crossed bootstrap over seeds x problems (seeds are what training
   draws; problems what evaluation draws), and the minimum detectable effect of that many seeds
@@ -20,6 +24,7 @@ set with plain sampling.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -28,7 +33,9 @@ from typing import Any, Optional, Sequence
 from e3rl.core.stats import Interval, bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect
 
 HEALED = "+heal"  # a variant's final policy sampled with test-time healing
-EVAL_FILES = {"plain": "heldout_eval.json", "healed": "heldout_eval_healed.json"}
+MODES = ("plain", "healed")
+CURVES = {"entropy": "learner/entropy", "logp_diff": "learner/logp_diff_mean", "reward": "gen/reward_mean",
+          "tokens": "gen/tokens_produced"}  # per-step series a record keeps (its plots)
 
 
 # ------------------------------------------------------------------ pure parts
@@ -84,6 +91,34 @@ def run_trends(steps: Sequence[dict[str, float]]) -> dict[str, float]:
             "entropy_slope": slope(ent), "logp_diff_mean": statistics.fmean(diff) if diff else float("nan")}
 
 
+def encode_correct(rows: Sequence[Sequence[bool]]) -> list[str]:
+    """Per-problem correctness of k samples as one "0110" string per problem (a record's compact form)."""
+    return ["".join("1" if c else "0" for c in row) for row in rows]
+
+
+def decode_correct(rows: Sequence[str]) -> list[list[bool]]:
+    return [[c == "1" for c in row] for row in rows]
+
+
+def problems_digest(uids: Sequence[str]) -> str:
+    """One hash of the held-out problems in order: records are paired only over the same set."""
+    return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
+
+
+def run_record(variant: str, seed: int, evals: dict[str, dict[str, Any]], steps: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """What the comparisons and plots need of one finished run: its evaluations by mode (key,
+    problems digest, correctness strings, tokens per sample), its trends and per-step curves."""
+    curves = {name: [r[key] for r in steps if key in r] for name, key in CURVES.items()}
+    return {"variant": variant, "seed": seed, "evals": dict(evals), "trends": run_trends(steps), "curves": curves}
+
+
+def record_evals(record: Optional[dict[str, Any]], key: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The modes of a record evaluated under `key` (the held-out set, k and seeds asked for now)."""
+    if not record:
+        return {}
+    return {m: ev for m, ev in record["evals"].items() if ev.get("key") == key}
+
+
 def parse_pairs(text: str, variants: Sequence[str]) -> list[tuple[str, str]]:
     from e3rl.config import ConfigError
 
@@ -122,64 +157,107 @@ def finished_runs(experiment: Path) -> dict[str, dict[int, Path]]:
     return out
 
 
-def evaluate_run(run: Path, spec: str, size: int, k: int, modes: Sequence[str] = ("plain",)) -> dict[str, Any]:
+def load_records(records: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """{variant: {seed: record}} of every `<records>/<variant>/seed<s>.json`."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for f in sorted(records.glob("*/seed*.json")):
+        if f.stem[4:].isdigit():
+            out.setdefault(f.parent.name, {})[int(f.stem[4:])] = json.loads(f.read_text())
+    return out
+
+
+def evaluate_run(run: Path, spec: str, size: int, k: int, modes: Sequence[str]) -> dict[str, Any]:
     """The run's final policy on the fixed held-out set, sampled plainly and/or with test-time
-    healing ("plain", "healed") -> {mode: result}. Each mode is cached in the run dir; the missing
-    ones are sampled on one generator group."""
+    healing ("plain", "healed") on one generator group -> {mode: evaluation}."""
     import argparse
 
     from e3rl.eval import build_config, generator_group, load_sets, prepare_model
     from e3rl.evaluation import sample_rows
-    from e3rl.rundir import write_json_atomic
 
-    key = {"data": spec, "size": size, "k": k, "data_seed": 0, "sample_seed": 0}
-    out: dict[str, Any] = {}
-    for mode in modes:
-        cache = run / EVAL_FILES[mode]
-        if cache.is_file() and (got := json.loads(cache.read_text())).get("key") == key:
-            out[mode] = got
-    todo = [m for m in modes if m not in out]
-    if not todo:
-        return out
     cfg = build_config(argparse.Namespace(data=[spec], model=str(run / "policy"), config=None, k=k, size=size,
                                           overrides=["data.seed=0", "run.seed=0", "run.progress=false"]))
     cfg, tokenizer = prepare_model(cfg)
     es = load_sets(cfg, [spec], size, tokenizer)[0]
+    key = eval_key(spec, size, k)
+    out: dict[str, Any] = {}
     with generator_group(cfg) as group:
-        for mode in todo:
+        for mode in modes:
             rows = sample_rows(group, es, k, heal=mode == "healed", seed=0)[0]
-            out[mode] = {"key": key, "problems": [p.uid for p in es.problems],
-                         "correct": [[bool(t.correct) for t in row] for row in rows],
+            out[mode] = {"key": key, "problems": problems_digest([p.uid for p in es.problems]),
+                         "correct": encode_correct([[bool(t.correct) for t in row] for row in rows]),
                          "tokens_per_sample": statistics.fmean(len(t.stream_ids) for row in rows for t in row)}
-            write_json_atomic(run / EVAL_FILES[mode], out[mode])
     return out
 
 
-def run_train_study(experiment: Path, spec: str, size: int, k: int, pairs_text: str,
-                    test_time_heal: bool = False) -> dict[str, Any]:
+def eval_key(spec: str, size: int, k: int) -> dict[str, Any]:
+    return {"data": spec, "size": size, "k": k, "data_seed": 0, "sample_seed": 0}
+
+
+def collect_records(experiment: Optional[Path], records: Path, variants: Optional[set[str]], spec: str, size: int,
+                    k: int, modes: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every (variant, seed) with a finished run or a record -> its record holding `modes` under
+    this key. A finished run without one is evaluated (only the missing modes) and its record
+    written; a record whose run is gone must already hold them."""
+    from e3rl.config import ConfigError
+    from e3rl.metrics import read_metrics
+    from e3rl.rundir import write_json_atomic
+
+    runs = finished_runs(experiment) if experiment else {}
+    have = load_records(records) if records.is_dir() else {}
+    key = eval_key(spec, size, k)
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for v in sorted(set(runs) | set(have)):
+        if variants is not None and v not in variants:
+            continue
+        for s in sorted(set(runs.get(v, {})) | set(have.get(v, {}))):
+            rec, run = have.get(v, {}).get(s), runs.get(v, {}).get(s)
+            evals = record_evals(rec, key)
+            todo = [m for m in modes if m not in evals]
+            if todo and run is None:
+                raise ConfigError(f"--records: {v} seed {s} has no {'/'.join(todo)} evaluation of {spec} x {size} "
+                                  f"x k={k} and its run dir is gone — re-run it, or compare what the records hold")
+            if todo or rec is None:  # so the run is here
+                new = evaluate_run(run, spec, size, k, todo) if todo else {}
+                rec = run_record(v, s, {**(rec["evals"] if rec else {}), **new}, read_metrics(run)[0])
+                (records / v).mkdir(parents=True, exist_ok=True)
+                write_json_atomic(records / v / f"seed{s}.json", rec)
+            out.setdefault(v, {})[s] = rec
+    return out
+
+
+def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pairs_text: str,
+                    test_time_heal: bool = False, records: Optional[Path] = None) -> dict[str, Any]:
     from e3rl.config import ConfigError
     from e3rl.experiment import VARIANTS
-    from e3rl.metrics import read_metrics
 
-    if not experiment.is_dir():
+    if experiment is not None and not experiment.is_dir():
         raise ConfigError(f"--experiment: {str(experiment)!r} is not a directory — pass an e3rl.experiment --out dir")
-    runs = finished_runs(experiment)
-    if not runs:
-        raise ConfigError(f"--experiment: no finished run (<variant>/seed<k>/policy) under {experiment} — "
-                          "run python -m e3rl.experiment first")
-    modes = ("plain", "healed") if test_time_heal else ("plain",)
-    names = [v + suffix for v in runs for suffix in ("", HEALED)[:len(modes)]]
-    pairs = parse_pairs(pairs_text, names) if pairs_text else default_pairs(list(runs), test_time_heal=test_time_heal)
+    if experiment is None and records is None:
+        raise ConfigError("--experiment / --records: give an e3rl.experiment --out dir, a records dir, or both")
+    records = records if records is not None else experiment / "records"
+    modes = MODES if test_time_heal else MODES[:1]
+    found = set(finished_runs(experiment)) if experiment else set()
+    found |= set(load_records(records)) if records.is_dir() else set()
+    if not found:
+        raise ConfigError(f"--experiment / --records: no finished run (<variant>/seed<k>/policy) and no record "
+                          f"under {experiment or records} — run python -m e3rl.experiment first")
+    names = [v + suffix for v in sorted(found) for suffix in ("", HEALED)[:len(modes)]]
+    pairs = parse_pairs(pairs_text, names) if pairs_text else default_pairs(sorted(found), test_time_heal=test_time_heal)
     needed = {x.removesuffix(HEALED) for pair in pairs for x in pair}  # evaluate only what is compared
+    key = eval_key(spec, size, k)
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
-    for v, seeds in ((v, seeds) for v, seeds in runs.items() if v in needed):
-        for s, run in sorted(seeds.items()):
-            evs = evaluate_run(run, spec, size, k, modes)
-            trends = run_trends(read_metrics(run)[0])
-            for mode, ev in evs.items():
+    digests = set()
+    for v, seeds in collect_records(experiment, records, needed, spec, size, k, modes).items():
+        for s, rec in seeds.items():
+            for mode, ev in record_evals(rec, key).items():
+                correct = decode_correct(ev["correct"])
+                digests.add(ev["problems"])
                 per_run.setdefault(v + (HEALED if mode == "healed" else ""), {})[s] = {
-                    "avg": [sum(r) / k for r in ev["correct"]], "pass": [float(any(r)) for r in ev["correct"]],
-                    "eval_tokens_per_sample": ev["tokens_per_sample"], **trends}
+                    "avg": [sum(r) / k for r in correct], "pass": [float(any(r)) for r in correct],
+                    "eval_tokens_per_sample": ev["tokens_per_sample"], **rec["trends"]}
+    if len(digests) > 1:
+        raise ConfigError(f"--records: the records hold {len(digests)} different held-out sets under one key "
+                          "(another task config?) — compare records of one experiment")
     variants = {}
     for v, seeds in per_run.items():
         xs = list(seeds.values())
@@ -198,8 +276,8 @@ def run_train_study(experiment: Path, spec: str, size: int, k: int, pairs_text: 
         tok = [per_run[a][s]["tokens_generated"] / per_run[b][s]["tokens_generated"] for s in avg["seeds"]]
         comparisons[f"{a}:{b}"] = {"avg@k": avg, "entropy_slope": ent,
                                    "token_ratio": statistics.fmean(tok) if tok else None}
-    return {"experiment": str(experiment), "data": spec, "size": size, "k": k, "variants": variants,
-            "comparisons": comparisons,
+    return {"experiment": str(experiment) if experiment else None, "records": str(records), "data": spec,
+            "size": size, "k": k, "variants": variants, "comparisons": comparisons,
             "per_run": {v: {str(s): r for s, r in seeds.items()} for v, seeds in per_run.items()}}
 
 

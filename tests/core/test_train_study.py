@@ -2,6 +2,7 @@
 direct computation, trends from a run's metrics, and which comparisons are made."""
 from __future__ import annotations
 
+import json
 import statistics
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 
 from e3rl.config import ConfigError
 from e3rl.core.stats import bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect
-from e3rl.train_study import (compare_pair, compare_scalar, default_pairs, paired_table, parse_pairs, run_trends,
-                               slope)
+from e3rl.train_study import (compare_pair, compare_scalar, decode_correct, default_pairs, encode_correct, eval_key,
+                               paired_table, parse_pairs, problems_digest, record_evals, run_record, run_train_study,
+                               run_trends, slope)
 
 
 def test_paired_table_keeps_the_seeds_both_variants_finished_and_subtracts_per_problem():
@@ -78,3 +80,55 @@ def test_compare_scalar_pairs_one_number_per_run_by_seed():
     assert c["seeds"] == [0, 1, 2] and c["per_seed"] == pytest.approx([-0.08, -0.01, -0.12])
     assert c["difference"] == bootstrap_mean_ci(c["per_seed"])
     assert compare_scalar({0: 1.0}, {0: 0.5})["difference"] is None
+
+
+# ------------------------------------------------------------------ records
+def _record(variant: str, seed: int, correct: list[list[bool]], digest: str = "d0", k: int = 2,
+            size: int = 3) -> dict:
+    steps = [{"step": 1, "gen/reward_mean": 0.2, "gen/tokens_produced": 50.0, "gen/samples": 8.0,
+              "learner/entropy": 1.0 + seed, "learner/logp_diff_mean": 0.01},
+             {"step": 2, "gen/reward_mean": 0.4, "gen/tokens_produced": 40.0, "gen/samples": 8.0,
+              "learner/entropy": 0.5 + seed, "learner/logp_diff_mean": 0.03}]
+    ev = {"key": eval_key("gym:chain_sum", size, k), "problems": digest, "correct": encode_correct(correct),
+          "tokens_per_sample": 9.0}
+    return run_record(variant, seed, {"plain": ev}, steps)
+
+
+def _write(records, rec) -> None:
+    (records / rec["variant"]).mkdir(parents=True, exist_ok=True)
+    (records / rec["variant"] / f"seed{rec['seed']}.json").write_text(json.dumps(rec))
+
+
+def test_a_record_keeps_correctness_compactly_and_the_per_step_curves():
+    rows = [[True, False], [False, False], [True, True]]
+    assert encode_correct(rows) == ["10", "00", "11"] and decode_correct(encode_correct(rows)) == rows
+    rec = _record("grpo", 1, rows)
+    assert rec["curves"] == {"entropy": [2.0, 1.5], "logp_diff": [0.01, 0.03], "reward": [0.2, 0.4],
+                             "tokens": [50.0, 40.0]}
+    assert rec["trends"]["tokens_generated"] == 90.0 and rec["trends"]["entropy_slope"] == pytest.approx(-0.5)
+    assert problems_digest(["a", "b"]) != problems_digest(["b", "a"])
+    assert record_evals(rec, eval_key("gym:chain_sum", 3, 2)) == rec["evals"]
+    assert record_evals(rec, eval_key("gym:chain_sum", 3, 4)) == {}  # another k: not this evaluation
+
+
+def test_the_analysis_runs_from_records_alone_and_pairs_them_by_seed_and_problem(tmp_path):
+    a = {0: [[True, True], [False, True], [False, False]], 1: [[True, False], [True, True], [False, False]]}
+    b = {0: [[True, False], [False, False], [False, False]], 1: [[False, False], [True, True], [True, False]]}
+    for s in (0, 1):
+        _write(tmp_path, _record("erase5", s, a[s]))
+        _write(tmp_path, _record("grpo", s, b[s]))
+    res = run_train_study(None, "gym:chain_sum", 3, 2, "", records=tmp_path)
+    c = res["comparisons"]["erase5:grpo"]["avg@k"]
+    table = [[sum(x) / 2 - sum(y) / 2 for x, y in zip(a[s], b[s])] for s in (0, 1)]
+    assert c["seeds"] == [0, 1] and c["difference"] == crossed_bootstrap_mean_ci(table)
+    assert res["variants"]["erase5"]["avg"] == pytest.approx(np.mean([[sum(x) / 2 for x in a[s]] for s in (0, 1)]))
+    assert res["comparisons"]["erase5:grpo"]["token_ratio"] == 1.0
+    # a record without the evaluation asked for, whose run is gone, is an error naming it
+    with pytest.raises(ConfigError, match="erase5 seed 0 has no healed evaluation"):
+        run_train_study(None, "gym:chain_sum", 3, 2, "", test_time_heal=True, records=tmp_path)
+    # records of two different held-out sets are never paired
+    _write(tmp_path, _record("grpo", 1, b[1], digest="other"))
+    with pytest.raises(ConfigError, match="2 different held-out sets"):
+        run_train_study(None, "gym:chain_sum", 3, 2, "", records=tmp_path)
+    with pytest.raises(ConfigError, match="no finished run .* and no record"):
+        run_train_study(None, "gym:chain_sum", 3, 2, "", records=tmp_path / "empty")

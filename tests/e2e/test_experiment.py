@@ -4,6 +4,7 @@ and that re-running the command reuses finished runs."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -124,3 +125,15 @@ def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
         assert res["variants"][v + "+heal"]["avg"] == pytest.approx(expected["on"]["gym:chain_sum"]["avg@2"])
     assert {"grpo+heal:grpo", "erase1+heal:grpo+heal", "erase1+heal:grpo"} <= set(res["comparisons"])
     assert "erase1:grpo: avg@k" in p.stdout
+    # each run left a record; with the runs gone, the records alone give the same analysis
+    records = two / "records"
+    assert sorted(f.relative_to(records).as_posix() for f in records.glob("*/*.json")) == [
+        "erase1/seed0.json", "erase1/seed1.json", "grpo/seed0.json", "grpo/seed1.json"]
+    for v in ("grpo", "erase1"):
+        shutil.rmtree(two / v)
+    again = tmp_path / "again.json"
+    p = subprocess.run([sys.executable, "-m", "e3rl.study", "train", "--records", str(records), "--size", "4",
+                        "--k", "2", "--test-time-heal", "--out", str(again)], cwd=REPO, env=run_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads(again.read_text())["comparisons"] == res["comparisons"]
