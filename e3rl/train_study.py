@@ -36,6 +36,8 @@ HEALED = "+heal"  # a variant's final policy sampled with test-time healing
 MODES = ("plain", "healed")
 CURVES = {"entropy": "learner/entropy", "logp_diff": "learner/logp_diff_mean", "reward": "gen/reward_mean",
           "tokens": "gen/tokens_produced"}  # per-step series a record keeps (its plots)
+SUMMARY_KEYS = ("steps", "samples", "tokens_generated", "wall_s", "phase_seconds", "rewinds_per_sample",
+                "accuracy_before", "accuracy_after")
 
 
 # ------------------------------------------------------------------ pure parts
@@ -105,11 +107,15 @@ def problems_digest(uids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
 
 
-def run_record(variant: str, seed: int, evals: dict[str, dict[str, Any]], steps: Sequence[dict[str, float]]) -> dict[str, Any]:
+def run_record(variant: str, seed: int, evals: dict[str, dict[str, Any]], steps: Sequence[dict[str, float]],
+               summary: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What the comparisons and plots need of one finished run: its evaluations by mode (key,
-    problems digest, correctness strings, tokens per sample), its trends and per-step curves."""
+    problems digest, correctness strings, tokens per sample), its trends and per-step curves, and
+    from its summary the run's size and wall time."""
     curves = {name: [r[key] for r in steps if key in r] for name, key in CURVES.items()}
-    return {"variant": variant, "seed": seed, "evals": dict(evals), "trends": run_trends(steps), "curves": curves}
+    run = {k: (summary or {})[k] for k in SUMMARY_KEYS if k in (summary or {})}
+    return {"variant": variant, "seed": seed, "evals": dict(evals), "trends": run_trends(steps), "curves": curves,
+            "run": run}
 
 
 def record_evals(record: Optional[dict[str, Any]], key: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -218,7 +224,8 @@ def collect_records(experiment: Optional[Path], records: Path, variants: Optiona
                                   f"x k={k} and its run dir is gone — re-run it, or compare what the records hold")
             if todo or rec is None:  # so the run is here
                 new = evaluate_run(run, spec, size, k, todo) if todo else {}
-                rec = run_record(v, s, {**(rec["evals"] if rec else {}), **new}, read_metrics(run)[0])
+                rec = run_record(v, s, {**(rec["evals"] if rec else {}), **new}, read_metrics(run)[0],
+                                 json.loads((run / "summary.json").read_text()))
                 (records / v).mkdir(parents=True, exist_ok=True)
                 write_json_atomic(records / v / f"seed{s}.json", rec)
             out.setdefault(v, {})[s] = rec

@@ -107,6 +107,8 @@ def test_a_record_keeps_correctness_compactly_and_the_per_step_curves():
                              "tokens": [50.0, 40.0]}
     assert rec["trends"]["tokens_generated"] == 90.0 and rec["trends"]["entropy_slope"] == pytest.approx(-0.5)
     assert problems_digest(["a", "b"]) != problems_digest(["b", "a"])
+    kept = run_record("grpo", 1, {}, [], summary={"steps": 2, "wall_s": 5.0, "final_policy": "/tmp/x"})["run"]
+    assert kept == {"steps": 2, "wall_s": 5.0}  # the run's size and time, not its paths
     assert record_evals(rec, eval_key("gym:chain_sum", 3, 2)) == rec["evals"]
     assert record_evals(rec, eval_key("gym:chain_sum", 3, 4)) == {}  # another k: not this evaluation
 
