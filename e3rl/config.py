@@ -361,7 +361,11 @@ class RunConfig:
     output_dir: str = "runs/default"
     """Run directory: config, metrics, checkpoints, final policy, summary."""
     steps: int = 8
-    """Training steps."""
+    """Training steps (with `token_budget`: at most this many)."""
+    token_budget: int = 0
+    """Stop after the step at which the tokens generated so far (erased ones count) reach this
+    many (0 = off). For comparisons at equal generated tokens: a baseline is given the tokens
+    another method spent, with `steps` as its cap; it ends with at least that many."""
     seed: int = 0
     """Master seed (sampling, data order, init)."""
     eval_every: int = 0
@@ -562,6 +566,7 @@ def _validate(c: Config) -> None:
     _check(r.torch_threads >= 0, "resources.torch_threads", "must be >= 0", "0 = all cores")
     _check(r.connect_timeout_s > 0, "resources.connect_timeout_s", "must be > 0", "e.g. 20")
     _check(run.steps >= 0, "run.steps", "must be >= 0", "e.g. 10")
+    _check(run.token_budget >= 0, "run.token_budget", "must be >= 0", "0 = off, e.g. 4000")
     _check(run.keep_last >= 1, "run.keep_last", "must be >= 1", "e.g. 2")
     _check(run.buffer_capacity >= 1, "run.buffer_capacity", "must be >= 1", "e.g. 4")
     _check(run.max_staleness >= 0, "run.max_staleness", "must be >= 0", "0 = on-policy")

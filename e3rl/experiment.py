@@ -10,12 +10,16 @@ another (or submitted together as Ray jobs with --ray-address: the jobs write to
 be visible here too — run the command on the head node or use shared storage). Finished runs are skipped and
 interrupted ones resume, so re-running the command completes an experiment. Variants differ only in
 their overrides below; seeds set both `run.seed` (init, sampling) and `data.seed` (prompt order).
+A variant may take its token budget from another's run of the same seed (`run.token_budget=@erase5`:
+the tokens Erase@5 generated, so `grpo_eqtok` is GRPO at E3RL's generated tokens); that run is read
+under --out, or from its record (--records) once its run dir is gone.
 Every run evaluates with self-healing off (`run.eval_heal=plain`), so accuracy measures the trained
 policy alone. Outputs: results.md / results.json (the table), curves.png, experiment.html.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -49,10 +53,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "grpo_bf16gen": ("GRPO, bf16 generators", ["algo.e3rl=false", "model.dtype=bfloat16"]),
     "erase5_bf16gen": ("E³RL Erase@5, bf16 generators", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
                                                          "model.dtype=bfloat16"]),
-    # GRPO given one more step than the others: at least the tokens E3RL generates (erased ones
-    # count) while E3RL's overhead stays under one step's worth: the equal-token comparison
-    "grpo_plus1": ("GRPO, one more step", ["algo.e3rl=false", "run.steps=+1"]),
+    # GRPO given the tokens E3RL (Erase@5) generated on the same seed, erased ones included (it stops
+    # after the step that reaches them; twice the steps at most): the equal-token comparison
+    "grpo_eqtok": ("GRPO, E³RL's generated tokens", ["algo.e3rl=false", "run.steps=+8",
+                                                     "run.token_budget=@erase5"]),
 }
+BUDGET_FROM = "run.token_budget=@"  # the budget is another variant's tokens on the same seed
 DEFAULT_VARIANTS = "grpo,erase1,erase3,erase5"
 COMMON = ["run.eval_heal=plain", "run.progress=false"]
 
@@ -85,12 +91,47 @@ def plan(out: Path, variants: list[str], seeds: int, extra: list[str], eval_ever
     return specs
 
 
+def tokens_of(out: Path, variant: str, seed: int, records: Optional[Path]) -> int:
+    """Tokens the (variant, seed) run generated, erased ones included: from its metrics under
+    `out`, else from its record (`e3rl.study train --records`)."""
+    from e3rl.train_study import run_trends
+
+    run = out / variant / f"seed{seed}"
+    if (run / "summary.json").is_file():
+        return int(run_trends(read_metrics(run)[0])["tokens_generated"])
+    record = records / variant / f"seed{seed}.json" if records else None
+    if record is not None and record.is_file():
+        return int(json.loads(record.read_text())["trends"]["tokens_generated"])
+    raise ConfigError(f"{BUDGET_FROM}{variant}: {variant} seed {seed} has no finished run under {out}"
+                      f"{' and no record in ' + str(records) if records else ''} — list {variant} before the "
+                      "variant that takes its tokens, or pass --records")
+
+
+def with_budget(spec: RunSpec, records: Optional[Path]) -> RunSpec:
+    """`run.token_budget=@<variant>` made the tokens of that variant's run of the same seed."""
+    ov = [f"run.token_budget={tokens_of(spec.out.parent.parent, o[len(BUDGET_FROM):], spec.seed, records)}"
+          if o.startswith(BUDGET_FROM) else o for o in spec.overrides]
+    return RunSpec(spec.variant, spec.seed, spec.out, ov)
+
+
+def budget_sources(spec: RunSpec) -> list[str]:
+    """The variants whose tokens this run's budget is."""
+    return [o[len(BUDGET_FROM):] for o in spec.overrides if o.startswith(BUDGET_FROM)]
+
+
+def placeholder_budget(spec: RunSpec) -> list[str]:
+    """The overrides with any budget still to come from another run set to 1 (to validate them)."""
+    return [f"{BUDGET_FROM[:-1]}1" if o.startswith(BUDGET_FROM) else o for o in spec.overrides]
+
+
 def is_done(spec: RunSpec, config: Optional[str]) -> bool:
     summary = spec.out / "summary.json"
-    if not summary.is_file():
+    if not summary.is_file() or not (spec.out / "policy").is_dir():
         return False
-    steps = load_config(config, spec.overrides).run.steps
-    return json.loads(summary.read_text()).get("steps") == steps and (spec.out / "policy").is_dir()
+    s = json.loads(summary.read_text())
+    if "complete" in s:  # all its steps, or its token budget spent
+        return bool(s["complete"])
+    return s.get("steps") == load_config(config, placeholder_budget(spec)).run.steps
 
 
 def drop_checkpoints(spec: RunSpec) -> None:
@@ -99,7 +140,9 @@ def drop_checkpoints(spec: RunSpec) -> None:
     shutil.rmtree(spec.out / "checkpoints", ignore_errors=True)
 
 
-def run_local(spec: RunSpec, config: Optional[str], keep_checkpoints: bool = True) -> float:
+def run_local(spec: RunSpec, config: Optional[str], keep_checkpoints: bool = True,
+              records: Optional[Path] = None) -> float:
+    spec = with_budget(spec, records)
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     log = spec.out.parent / f"{spec.out.name}.log"
     t = time.time()
@@ -262,6 +305,26 @@ def write_outputs(out: Path, curves: dict[str, list[dict]], target: float, wall_
     return {"rows": rows, "markdown": md}
 
 
+def run_all(todo: list[RunSpec], config: Optional[str], parallel: int, ray_address: str, keep_checkpoints: bool,
+            records: Optional[Path]) -> None:
+    """Locally (`parallel` at once) or as Ray jobs. In sequence, runs keep their seed-by-seed order;
+    at once, a run whose token budget is another run's tokens waits for the wave that makes them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    waves = [todo] if not ray_address and parallel <= 1 else \
+        [[s for s in todo if not budget_sources(s)], [s for s in todo if budget_sources(s)]]
+    for wave in filter(None, waves):
+        if ray_address:
+            run_as_jobs([with_budget(s, records) for s in wave], config, ray_address)
+            for s in wave if not keep_checkpoints else []:
+                drop_checkpoints(s)
+            continue
+        run = functools.partial(run_local, config=config, keep_checkpoints=keep_checkpoints, records=records)
+        with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:  # each run is its own process
+            for s, secs in zip(wave, pool.map(run, wave)):
+                print(f"  {s.variant} seed {s.seed}: {secs:.0f} s", flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m e3rl.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", help="base YAML (default: the embedded default run)")
@@ -273,6 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--eval-every", type=int, default=4, help="held-out evaluation every N steps (the curve points)")
     p.add_argument("--parallel", type=int, default=1, help="local runs at once (1 = in sequence: honest timings)")
     p.add_argument("--ray-address", default="", help="submit the runs as Ray jobs to this dashboard address")
+    p.add_argument("--records", default="", help="run records (e3rl.study train --records): where a token budget "
+                                                 "taken from another variant is read when its run dir is gone")
     p.add_argument("--drop-checkpoints", action="store_true",
                    help="delete each finished run's checkpoints/ (keeps metrics, report and policy/): ~1.6 GB "
                         "per run of the default model")
@@ -288,24 +353,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = Path(a.out).resolve()  # absolute: a Ray job's working dir is a temporary copy of this one
         base_steps = load_config(a.config, a.overrides).run.steps
         specs = plan(out, variants, a.seeds, a.overrides, a.eval_every, base_steps)
+        records = Path(a.records) if a.records else None
         for s in specs:
-            load_config(a.config, s.overrides)  # every run's config is valid before any starts
+            load_config(a.config, placeholder_budget(s))  # every run's config is valid before any starts
+            for src in budget_sources(s):
+                if src not in variants[:variants.index(s.variant)] and records is None:
+                    raise ConfigError(f"--variants: {s.variant} takes the tokens of {src}'s run of the same seed "
+                                      f"— list {src} before it, or pass --records with {src}'s records")
     except ConfigError as e:
         print(f"e3rl.experiment: error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     todo = [s for s in specs if not is_done(s, a.config)]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already done", flush=True)
-    if a.ray_address and todo:
-        run_as_jobs(todo, a.config, a.ray_address)
-        for s in todo if a.drop_checkpoints else []:
-            drop_checkpoints(s)
-    if not a.ray_address:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(a.parallel, 1)) as pool:  # each run is its own process
-            for s, secs in zip(todo, pool.map(lambda s: run_local(s, a.config, not a.drop_checkpoints), todo)):
-                print(f"  {s.variant} seed {s.seed}: {secs:.0f} s", flush=True)
+    run_all(todo, a.config, a.parallel, a.ray_address, not a.drop_checkpoints, records)
     curves = {v: [run_curves(s.out) for s in specs if s.variant == v] for v in variants}
     res = write_outputs(out, curves, a.target, time.time() - t0)
     print(res["markdown"])

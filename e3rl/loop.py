@@ -45,6 +45,7 @@ class LoopState:
     step: int = 0
     version: int = 0
     samples: int = 0
+    tokens: int = 0  # generated, erased ones included
     cursor: dict = field(default_factory=dict)
     history: dict = field(default_factory=dict)
 
@@ -67,11 +68,16 @@ def sync_weights(roles: Roles) -> SyncReport:
     return sync_through_object_store(roles.learner, roles.generators)
 
 
+def budget_spent(state: LoopState, token_budget: int) -> bool:
+    return token_budget > 0 and state.tokens >= token_budget
+
+
 def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int, save_every: int,
-          hooks: Hooks, sampling: DynamicSampling = DynamicSampling()) -> LoopState:
-    """Run steps state.step+1 .. steps; returns the final state (also updated in place)."""
+          hooks: Hooks, sampling: DynamicSampling = DynamicSampling(), token_budget: int = 0) -> LoopState:
+    """Run steps state.step+1 .. steps, or until `token_budget` tokens are generated; returns the
+    final state (also updated in place)."""
     state.version = sync_weights(roles).version
-    while state.step < steps and not hooks.should_stop():
+    while state.step < steps and not budget_spent(state, token_budget) and not hooks.should_stop():
         t = PhaseTimer()
         batch = collect_batch(roles.generators, hooks.next_batch, state.step, seed * 100_003 + state.step,
                               sampling, timer=t)  # the "data" and "generate" phases, each round
@@ -87,10 +93,12 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
         state.history = asdict(roles.generators.history)
         state.step += 1
         state.samples += batch.generated_samples
+        state.tokens += int(batch.metrics.get("gen/tokens_produced", 0))
         hooks.trace(state.step, item.refs)
         metrics = batch.metrics | learn | t.as_metrics() | synced.metrics() | {
             "buffer/fill": float(ray.get(roles.buffer.size.remote()))}
-        if eval_every and state.step % eval_every == 0 and state.step < steps:
+        last = state.step >= steps or budget_spent(state, token_budget)  # evaluated after the loop
+        if eval_every and state.step % eval_every == 0 and not last:
             metrics |= hooks.evaluate(state.step)
         hooks.log(state.step, metrics)  # then the checkpoint: a crash between them redoes and re-logs the step
         if save_every and state.step % save_every == 0:

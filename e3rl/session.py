@@ -18,7 +18,7 @@ from e3rl.core.passk import flatten
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.data import encode_prompts, load_workload
 from e3rl.evaluation import EvalSet, evaluate, headline
-from e3rl.loop import Hooks, LoopState, Roles, train
+from e3rl.loop import Hooks, LoopState, Roles, budget_spent, train
 from e3rl.metrics import MetricsLogger, read_metrics
 from e3rl.models import check_model, load_tokenizer, materialize_builtin, prepare_backend, resolve_backend
 from e3rl.prompts import PromptStream
@@ -50,7 +50,7 @@ def _resume(cfg: Config, roles: Roles, out: Path, stream: PromptStream) -> LoopS
     if meta is None:
         return state
     state = LoopState(step=int(meta["step"]), version=int(meta["version"]), samples=int(meta.get("samples", 0)),
-                      cursor=meta.get("cursor", {}), history=meta.get("history", {}))
+                      tokens=int(meta.get("tokens", 0)), cursor=meta.get("cursor", {}), history=meta.get("history", {}))
     stream.load_state(state.cursor)
     if state.history:
         roles.generators.history = UncertaintyHistory(**state.history)
@@ -105,7 +105,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
         return problems, encode_prompts(cfg, problems, tokenizer), groups
 
     def checkpoint() -> None:
-        extra = {"samples": state.samples, "cursor": state.cursor, "history": state.history}
+        extra = {"samples": state.samples, "tokens": state.tokens, "cursor": state.cursor, "history": state.history}
         roles.learner.save_checkpoint(str(out / "checkpoints"), state.step, cfg.run.keep_last, extra)
 
     def trace(step: int, refs: list) -> None:
@@ -118,7 +118,8 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     logger.log(state.step, before)
     hooks = Hooks(next_batch, run_eval, checkpoint, logger.log, lambda: stop.stop, trace)
     first_step = state.step
-    train(roles, state, cfg.run.steps, cfg.run.seed, cfg.run.eval_every, cfg.run.save_every, hooks, sampling)
+    train(roles, state, cfg.run.steps, cfg.run.seed, cfg.run.eval_every, cfg.run.save_every, hooks, sampling,
+          cfg.run.token_budget)
     checkpoint()
     if not stop.stop:  # interrupted: the checkpoint is written; export and evaluate when the run completes
         roles.learner.export_hf(str(out / "policy"))
@@ -149,7 +150,9 @@ def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step:
     summary = {
         "steps": state.step,
         "steps_this_session": state.step - first_step,
+        "complete": state.step >= cfg.run.steps or budget_spent(state, cfg.run.token_budget),
         "samples": state.samples,
+        "tokens_generated": state.tokens,
         "reward_first": steps[0]["gen/reward_mean"] if steps else float("nan"),
         "reward_last": steps[-1]["gen/reward_mean"] if steps else float("nan"),
         "reward_last5_mean": sum(r["gen/reward_mean"] for r in steps[-5:]) / max(len(steps[-5:]), 1),

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 from e3rl.core.stats import Interval, bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect
 
 HEALED = "+heal"  # a variant's final policy sampled with test-time healing
+EQUAL_TOKENS = "grpo_eqtok"  # GRPO given the tokens Erase@5 generated on the same seed
 MODES = ("plain", "healed")
 CURVES = {"entropy": "learner/entropy", "logp_diff": "learner/logp_diff_mean", "reward": "gen/reward_mean",
           "tokens": "gen/tokens_produced"}  # per-step series a record keeps (its plots)
@@ -139,13 +140,13 @@ def parse_pairs(text: str, variants: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def default_pairs(variants: Sequence[str], baseline: str = "grpo", test_time_heal: bool = False) -> list[tuple[str, str]]:
-    """Every variant against GRPO, and E3RL (Erase@5) against GRPO given one more step (at least
-    E3RL's generated tokens: the equal-token comparison, conservative for E3RL). With test-time
+    """Every variant against GRPO, and E3RL (Erase@5) against GRPO given E3RL's generated tokens
+    (`grpo_eqtok`: the equal-token comparison; it ends with at least as many). With test-time
     healing evaluated too: healing at test time only (GRPO healed vs plain), in training given
     healing at test time (Erase@5 healed vs GRPO healed), and everywhere vs nowhere."""
-    pairs = [(v, baseline) for v in variants if v != baseline and v != "grpo_plus1" and baseline in variants]
-    if "erase5" in variants and "grpo_plus1" in variants:
-        pairs.append(("erase5", "grpo_plus1"))
+    pairs = [(v, baseline) for v in variants if v != baseline and v != EQUAL_TOKENS and baseline in variants]
+    if "erase5" in variants and EQUAL_TOKENS in variants:
+        pairs.append(("erase5", EQUAL_TOKENS))
     if test_time_heal and baseline in variants:
         b = baseline + HEALED
         pairs += [(b, baseline)] + [(v + HEALED, x) for v in variants if v.startswith("erase") for x in (b, baseline)]
@@ -305,8 +306,8 @@ def table(res: dict[str, Any]) -> str:
         mde = f", MDE {a['mde']:.3f}" if a["mde"] is not None else ""
         lines.append(f"  {pair}: avg@k {_fmt(a['difference'])} over {len(a['seeds'])} seeds{mde}; "
                      f"entropy slope {_fmt(c['entropy_slope']['difference'])}; tokens x{c['token_ratio'] or float('nan'):.3f}")
-        if pair.endswith(":grpo_plus1") and (c["token_ratio"] or 0.0) > 1.0:
-            lines.append("    ! grpo_plus1 generated fewer tokens than its comparator: not an equal-token comparison")
+        if pair.endswith(f":{EQUAL_TOKENS}") and (c["token_ratio"] or 0.0) > 1.0:
+            lines.append(f"    ! {EQUAL_TOKENS} generated fewer tokens than its comparator: not an equal-token comparison")
     return "\n".join(lines)
 
 

@@ -154,6 +154,7 @@ BAD_VALUES = [
     ("run.buffer_capacity", ["run.buffer_capacity=0"]),
     ("run.max_staleness", ["run.max_staleness=-1"]),
     ("run.max_skipped_steps", ["run.max_skipped_steps=-1"]),
+    ("run.token_budget", ["run.token_budget=-1"]),
     ("run.eval_group_size", ["run.eval_group_size=0"]),
     ("run.trace_every", ["run.trace_every=-1"]),
     ("run.trace_samples", ["run.trace_samples=-1"]),

@@ -62,9 +62,9 @@ def test_run_trends_count_erased_tokens_and_follow_entropy_over_steps():
     assert t["logp_diff_mean"] == pytest.approx(2e-4)
 
 
-def test_default_pairs_compare_with_grpo_and_at_equal_tokens_with_grpo_given_one_more_step():
-    assert default_pairs(["grpo", "erase1", "erase5", "grpo_plus1"]) == [
-        ("erase1", "grpo"), ("erase5", "grpo"), ("erase5", "grpo_plus1")]
+def test_default_pairs_compare_with_grpo_and_at_equal_tokens_with_grpo_given_e3rls_tokens():
+    assert default_pairs(["grpo", "erase1", "erase5", "grpo_eqtok"]) == [
+        ("erase1", "grpo"), ("erase5", "grpo"), ("erase5", "grpo_eqtok")]
     assert default_pairs(["erase1", "erase5"]) == []
     # test-time healing evaluated too: test time only, training given test time, everywhere vs nowhere
     assert default_pairs(["grpo", "erase5"], test_time_heal=True) == [

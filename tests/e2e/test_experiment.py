@@ -18,8 +18,8 @@ ARGS = ["configs/tiny.yaml", "run.steps=2", f"reward.fn={REWARD_FN}", "heal.thre
         "--drop-checkpoints"]
 
 
-def experiment(out) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "e3rl.experiment", *ARGS, "--out", str(out)], cwd=REPO,
+def experiment(out, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "e3rl.experiment", *(args or ARGS), "--out", str(out)], cwd=REPO,
                           env=run_env(), capture_output=True, text=True, timeout=400)
 
 
@@ -137,3 +137,25 @@ def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert json.loads(again.read_text())["comparisons"] == res["comparisons"]
+
+
+def test_grpo_at_e3rls_tokens_stops_at_the_first_step_that_reaches_them(tmp_path):
+    """`grpo_eqtok` takes the tokens Erase@5 generated on the same seed (erased ones count) as its
+    budget: it trains past Erase@5's 2 steps until its own generated tokens reach that, and stops
+    at the first step that does (its cap: 2 + 8 steps)."""
+    p = experiment(tmp_path, *ARGS[:ARGS.index("--seeds")], "--seeds", "1", "--variants", "erase5,grpo_eqtok",
+                   "--eval-every", "0", "--parallel", "2", "--drop-checkpoints")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    tokens = {}
+    for v in ("erase5", "grpo_eqtok"):
+        run = tmp_path / v / "seed0"
+        steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "gen/reward_mean" in x]
+        tokens[v] = [r["gen/tokens_produced"] for r in steps]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["complete"] and summary["tokens_generated"] == sum(tokens[v])
+    budget = sum(tokens["erase5"])
+    assert len(tokens["erase5"]) == 2 and f"token_budget: {int(budget)}" in (
+        tmp_path / "grpo_eqtok" / "seed0" / "config.yaml").read_text()
+    got = tokens["grpo_eqtok"]
+    assert sum(got) >= budget and (sum(got[:-1]) < budget or len(got) == 10)
+    assert len(got) > 2  # GRPO, not healing, spends fewer tokens per step: it needs more steps

@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
 
 from actors.rollout_stats import merge_stats, rollout_stats, segment_stats
-from e3rl.config import load_config
-from e3rl.experiment import VARIANTS, markdown_table, mean_std, plan, samples_to_target, table_rows
+from e3rl.config import ConfigError, load_config
+from e3rl.experiment import (VARIANTS, budget_sources, markdown_table, mean_std, placeholder_budget, plan,
+                             samples_to_target, table_rows, with_budget)
 from e3rl.report import build_report, pick_samples, render_trajectory
 from e3rl.traces import read_traces, write_trace
 from tests.core.test_trajectory import _traj
@@ -109,17 +111,18 @@ def test_samples_to_target_and_table_numbers():
 
 
 def test_plan_gives_every_variant_the_same_seeds_and_budget(tmp_path):
-    specs = plan(tmp_path, ["grpo", "erase3", "grpo_plus1"], seeds=2, extra=["run.steps=4"], eval_every=2,
+    specs = plan(tmp_path, ["grpo", "erase3", "grpo_eqtok"], seeds=2, extra=["run.steps=4"], eval_every=2,
                  base_steps=4)
     # seed by seed: a stopped experiment leaves whole paired seeds
-    assert [(s.variant, s.seed) for s in specs] == [("grpo", 0), ("erase3", 0), ("grpo_plus1", 0),
-                                                    ("grpo", 1), ("erase3", 1), ("grpo_plus1", 1)]
+    assert [(s.variant, s.seed) for s in specs] == [("grpo", 0), ("erase3", 0), ("grpo_eqtok", 0),
+                                                    ("grpo", 1), ("erase3", 1), ("grpo_eqtok", 1)]
     for s in specs:
         assert f"run.seed={s.seed}" in s.overrides and f"data.seed={s.seed}" in s.overrides
         assert "run.steps=4" in s.overrides and "run.eval_heal=plain" in s.overrides
         assert s.overrides[-1] == f"run.output_dir={tmp_path / s.variant / f'seed{s.seed}'}"
-        if s.variant == "grpo_plus1":  # one more step than the others; the later override wins
-            assert load_config(None, s.overrides).run.steps == 5
+        if s.variant == "grpo_eqtok":  # twice the steps as its cap; the later override wins
+            assert load_config(None, placeholder_budget(s)).run.steps == 12
+            assert budget_sources(s) == ["erase5"]
         else:
             assert all(o in s.overrides for o in VARIANTS[s.variant][1])
             assert load_config(None, s.overrides).run.steps == 4
@@ -152,3 +155,27 @@ def test_entropy_figure_plots_the_runs_entropy_and_mismatch(monkeypatch):
              {"step": 3, "learner/entropy": 1.1, "learner/logp_diff_mean": 3e-4}]
     report.entropy_figure(steps)
     assert drawn["lines"] == [((1, 2, 3), (2.0, 1.6, 1.1)), ((1, 3), (1e-4, 3e-4))]
+
+
+def test_a_token_budget_taken_from_another_variant_is_its_run_of_the_same_seed(tmp_path):
+    """`run.token_budget=@erase5` becomes the tokens Erase@5 generated on that seed (erased ones
+    count): from its run's metrics, else from its record once the run dir is gone."""
+    spec = plan(tmp_path / "exp", ["erase5", "grpo_eqtok"], seeds=2, extra=[], eval_every=0, base_steps=8)[3]
+    assert (spec.variant, spec.seed) == ("grpo_eqtok", 1)
+    run = tmp_path / "exp" / "erase5" / "seed1"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "eval/accuracy": 0.1},
+        {"step": 1, "gen/reward_mean": 0.1, "gen/tokens_produced": 300.0},
+        {"step": 2, "gen/reward_mean": 0.2, "gen/tokens_produced": 250.0}]))
+    resolved = with_budget(spec, records=None)
+    assert "run.token_budget=550" in resolved.overrides and not budget_sources(resolved)
+    assert load_config(None, resolved.overrides).run.token_budget == 550
+    records = tmp_path / "records"
+    (records / "erase5").mkdir(parents=True)
+    (records / "erase5" / "seed1.json").write_text(json.dumps({"trends": {"tokens_generated": 777.0}}))
+    shutil.rmtree(run)
+    assert "run.token_budget=777" in with_budget(spec, records).overrides
+    with pytest.raises(ConfigError, match="erase5 seed 1 has no finished run under .* and no record"):
+        with_budget(spec, tmp_path / "elsewhere")
