@@ -46,13 +46,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "erase5_uniform": ("E³RL Erase@5, uniform allocation", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
                                                              "algo.allocation=uniform"]),
     # the generator-learner mismatch (protocol part 4, item 5): the learner computes in fp32 (it sees
-    # its fp32 masters), or the generators run bf16 (they see what a bf16 learner computes with)
+    # its fp32 masters) or in bf16 (it lags its fp32 generators: most small updates round away), or
+    # the generators run bf16 too (they see what a bf16 learner computes with)
     "grpo_fp32": ("GRPO, fp32 learner", ["algo.e3rl=false", "learner.dtype=float32"]),
     "erase5_fp32": ("E³RL Erase@5, fp32 learner", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
                                                    "learner.dtype=float32"]),
-    "grpo_bf16gen": ("GRPO, bf16 generators", ["algo.e3rl=false", "model.dtype=bfloat16"]),
-    "erase5_bf16gen": ("E³RL Erase@5, bf16 generators", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
-                                                         "model.dtype=bfloat16"]),
+    "grpo_bf16": ("GRPO, bf16 learner", ["algo.e3rl=false", "learner.dtype=bfloat16"]),
+    "erase5_bf16": ("E³RL Erase@5, bf16 learner", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
+                                                   "learner.dtype=bfloat16"]),
+    "grpo_bf16gen": ("GRPO, bf16 learner and generators", ["algo.e3rl=false", "learner.dtype=bfloat16",
+                                                           "model.dtype=bfloat16"]),
+    "erase5_bf16gen": ("E³RL Erase@5, bf16 learner and generators", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
+                                                                     "learner.dtype=bfloat16", "model.dtype=bfloat16"]),
     # GRPO given the tokens E3RL (Erase@5) generated on the same seed, erased ones included (it stops
     # after the step that reaches them; twice the steps at most): the equal-token comparison
     "grpo_eqtok": ("GRPO, E³RL's generated tokens", ["algo.e3rl=false", "run.steps=+8",

@@ -126,7 +126,8 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     after = run_eval(state.step) if eval_sets and not stop.stop else {}
     logger.log(state.step, after)
     logger.close()
-    summary = write_summary(out, cfg, before, after, first_step, state, time.time() - t_start, threads)
+    summary = write_summary(out, cfg, before, after, first_step, state, time.time() - t_start, threads,
+                            roles.learner.info[0]["dtype"])
     if cfg.run.report:
         from e3rl.report import write_report
 
@@ -137,7 +138,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
 
 
 def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step: int, state: LoopState,
-                  wall_s: float, threads: Optional[dict[str, list[int]]] = None) -> dict[str, Any]:
+                  wall_s: float, threads: Optional[dict[str, list[int]]] = None, learner_dtype: str = "") -> dict[str, Any]:
     steps, _ = read_metrics(out)
     phases: dict[str, float] = {}
     for r in steps:
@@ -172,6 +173,7 @@ def write_summary(out: Path, cfg: Config, before: dict, after: dict, first_step:
         "phase_seconds": phases,
         "wall_s": wall_s,
         "torch_threads": threads or {},
+        "learner_dtype": learner_dtype,  # what `learner.dtype: auto` resolved to on this machine
         "e3rl": cfg.heal_active,
         "gen_backend": cfg.gen.backend,
         "allocation": cfg.allocation,

@@ -38,7 +38,7 @@ MODES = ("plain", "healed")
 CURVES = {"entropy": "learner/entropy", "logp_diff": "learner/logp_diff_mean", "reward": "gen/reward_mean",
           "tokens": "gen/tokens_produced"}  # per-step series a record keeps (its plots)
 SUMMARY_KEYS = ("steps", "samples", "tokens_generated", "wall_s", "phase_seconds", "rewinds_per_sample",
-                "accuracy_before", "accuracy_after")
+                "accuracy_before", "accuracy_after", "learner_dtype")
 
 
 # ------------------------------------------------------------------ pure parts

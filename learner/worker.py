@@ -163,7 +163,7 @@ class LearnerWorker:
             self.ref_engine.eval()
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in policy.parameters())
         return {"rank": self.rank, "device": str(self.device), "params": n_params, "setup_s": time.perf_counter() - t0,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "dtype": str(self.dtype).removeprefix("torch.")}
 
     def _build_lm(self, ds: dict, init_state: Optional[dict], seed: int) -> torch.nn.Module:
         """The HF policy with its real weights.
