@@ -59,8 +59,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "erase5_bf16gen": ("E³RL Erase@5, bf16 learner and generators", ["algo.e3rl=true", "heal.max_erases_per_traj=5",
                                                                      "learner.dtype=bfloat16", "model.dtype=bfloat16"]),
     # GRPO given the tokens E3RL (Erase@5) generated on the same seed, erased ones included (it stops
-    # after the step that reaches them; twice the steps at most): the equal-token comparison
-    "grpo_eqtok": ("GRPO, E³RL's generated tokens", ["algo.e3rl=false", "run.steps=+8",
+    # after the step that reaches them; three times the steps at most): the equal-token comparison
+    "grpo_eqtok": ("GRPO, E³RL's generated tokens", ["algo.e3rl=false", "run.steps=+16",
                                                      "run.token_budget=@erase5"]),
 }
 BUDGET_FROM = "run.token_budget=@"  # the budget is another variant's tokens on the same seed

@@ -120,8 +120,8 @@ def test_plan_gives_every_variant_the_same_seeds_and_budget(tmp_path):
         assert f"run.seed={s.seed}" in s.overrides and f"data.seed={s.seed}" in s.overrides
         assert "run.steps=4" in s.overrides and "run.eval_heal=plain" in s.overrides
         assert s.overrides[-1] == f"run.output_dir={tmp_path / s.variant / f'seed{s.seed}'}"
-        if s.variant == "grpo_eqtok":  # twice the steps as its cap; the later override wins
-            assert load_config(None, placeholder_budget(s)).run.steps == 12
+        if s.variant == "grpo_eqtok":  # three times the steps as its cap; the later override wins
+            assert load_config(None, placeholder_budget(s)).run.steps == 20
             assert budget_sources(s) == ["erase5"]
         else:
             assert all(o in s.overrides for o in VARIANTS[s.variant][1])
