@@ -200,17 +200,16 @@ def eval_key(spec: str, size: int, k: int) -> dict[str, Any]:
     return {"data": spec, "size": size, "k": k, "data_seed": 0, "sample_seed": 0}
 
 
-def collect_records(experiment: Optional[Path], records: Path, variants: Optional[set[str]], spec: str, size: int,
-                    k: int, modes: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Every (variant, seed) with a finished run or a record -> its record holding `modes` under
-    this key. A finished run without one is evaluated (only the missing modes) and its record
-    written; a record whose run is gone must already hold them."""
+def collect_records(runs: dict[str, dict[int, Path]], have: dict[str, dict[int, dict[str, Any]]], records: Path,
+                    variants: Optional[set[str]], spec: str, size: int, k: int,
+                    modes: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every (variant, seed) with a finished run (`runs`) or a record (`have`) -> its record holding
+    `modes` under this key. A finished run without one is evaluated (only the missing modes) and
+    its record written to `records`; a record whose run is gone must already hold them."""
     from e3rl.config import ConfigError
     from e3rl.metrics import read_metrics
     from e3rl.rundir import write_json_atomic
 
-    runs = finished_runs(experiment) if experiment else {}
-    have = load_records(records) if records.is_dir() else {}
     key = eval_key(spec, size, k)
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for v in sorted(set(runs) | set(have)):
@@ -244,8 +243,9 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
         raise ConfigError("--experiment / --records: give an e3rl.experiment --out dir, a records dir, or both")
     records = records if records is not None else experiment / "records"
     modes = MODES if test_time_heal else MODES[:1]
-    found = set(finished_runs(experiment)) if experiment else set()
-    found |= set(load_records(records)) if records.is_dir() else set()
+    runs = finished_runs(experiment) if experiment else {}
+    have = load_records(records) if records.is_dir() else {}
+    found = set(runs) | set(have)
     if not found:
         raise ConfigError(f"--experiment / --records: no finished run (<variant>/seed<k>/policy) and no record "
                           f"under {experiment or records} — run python -m e3rl.experiment first")
@@ -255,7 +255,7 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
     key = eval_key(spec, size, k)
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
     digests = set()
-    for v, seeds in collect_records(experiment, records, needed, spec, size, k, modes).items():
+    for v, seeds in collect_records(runs, have, records, needed, spec, size, k, modes).items():
         for s, rec in seeds.items():
             for mode, ev in record_evals(rec, key).items():
                 correct = decode_correct(ev["correct"])
