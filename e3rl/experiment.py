@@ -1,6 +1,6 @@
 """E3RL vs GRPO (and the Erase@k ablation) on the same model, task, seeds and sample budget.
 
-    python -m e3rl.experiment [CONFIG.yaml] [--seeds 3] [--variants grpo,erase1,erase3,erase5]
+    python -m e3rl.experiment [CONFIG.yaml] [--seeds 3 | --seeds 5-11] [--variants grpo,erase1,erase3,erase5]
                               [--out runs/experiment] [--target 0.3] [--parallel 1]
                               [--ray-address http://HEAD:8265]
                               [section.key=value ...]
@@ -79,13 +79,27 @@ class RunSpec:
         return ["python", "-m", "e3rl.run", *([config] if config else []), *self.overrides]
 
 
-def plan(out: Path, variants: list[str], seeds: int, extra: list[str], eval_every: int,
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds`: "N" is seeds 0..N-1; "A-B" is seeds A..B. The range form lets a later session add
+    seeds to a study whose earlier seeds survive only as records (their run dirs are gone)."""
+    first, sep, last = text.partition("-")
+    try:
+        lo, hi = (int(first), int(last)) if sep else (0, int(first) - 1)
+    except ValueError:
+        lo, hi = 0, -1
+    if lo < 0 or hi < lo:
+        raise ConfigError(f"--seeds: {text!r} is not a seed count N >= 1 or a range A-B with 0 <= A <= B "
+                          "— e.g. --seeds 12 or --seeds 5-11")
+    return list(range(lo, hi + 1))
+
+
+def plan(out: Path, variants: list[str], seeds: int | list[int], extra: list[str], eval_every: int,
          base_steps: int = 0) -> list[RunSpec]:
     """Seed by seed (every variant of seed 0, then of seed 1, ...): an interrupted experiment has
-    whole paired seeds, which is what the comparisons use. `run.steps=+N` in a variant means
-    `base_steps` + N."""
+    whole paired seeds, which is what the comparisons use. `seeds` is a count (0..N-1) or the seeds
+    themselves. `run.steps=+N` in a variant means `base_steps` + N."""
     specs = []
-    for s in range(seeds):
+    for s in (range(seeds) if isinstance(seeds, int) else seeds):
         for v in variants:
             d = out / v / f"seed{s}"
             own = [f"run.steps={base_steps + int(o.split('+')[1])}" if o.startswith("run.steps=+") else o
@@ -334,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m e3rl.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", help="base YAML (default: the embedded default run)")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or A-B (seeds A..B)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--out", default="runs/experiment")
     p.add_argument("--target", type=float, default=0.3, help="accuracy for the samples-to-target column")
@@ -352,12 +366,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         variants = [v.strip() for v in a.variants.split(",") if v.strip()]
         unknown = [v for v in variants if v not in VARIANTS]
-        if unknown or a.seeds < 1:
-            raise ConfigError(f"--variants/--seeds: unknown {unknown} or seeds < 1 — use seeds >= 1 and variants "
-                              f"from {list(VARIANTS)}")
+        if unknown:
+            raise ConfigError(f"--variants: unknown {unknown} — use variants from {list(VARIANTS)}")
+        seeds = parse_seeds(a.seeds)
         out = Path(a.out).resolve()  # absolute: a Ray job's working dir is a temporary copy of this one
         base_steps = load_config(a.config, a.overrides).run.steps
-        specs = plan(out, variants, a.seeds, a.overrides, a.eval_every, base_steps)
+        specs = plan(out, variants, seeds, a.overrides, a.eval_every, base_steps)
         records = Path(a.records) if a.records else None
         for s in specs:
             load_config(a.config, placeholder_budget(s))  # every run's config is valid before any starts

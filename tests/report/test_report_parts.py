@@ -11,7 +11,7 @@ import torch
 
 from actors.rollout_stats import merge_stats, rollout_stats, segment_stats
 from e3rl.config import ConfigError, load_config
-from e3rl.experiment import (VARIANTS, budget_sources, markdown_table, mean_std, placeholder_budget, plan,
+from e3rl.experiment import (VARIANTS, budget_sources, markdown_table, mean_std, parse_seeds, placeholder_budget, plan,
                              samples_to_target, table_rows, with_budget)
 from e3rl.report import build_report, pick_samples, render_trajectory
 from e3rl.traces import read_traces, write_trace
@@ -126,6 +126,16 @@ def test_plan_gives_every_variant_the_same_seeds_and_budget(tmp_path):
         else:
             assert all(o in s.overrides for o in VARIANTS[s.variant][1])
             assert load_config(None, s.overrides).run.steps == 4
+
+
+def test_seeds_are_a_count_or_a_range_so_a_later_session_can_add_seeds(tmp_path):
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("5-7") == [5, 6, 7] and parse_seeds("4-4") == [4]
+    assert [(s.variant, s.seed) for s in plan(tmp_path, ["grpo", "erase5"], parse_seeds("5-6"), [], 0)] == \
+        [("grpo", 5), ("erase5", 5), ("grpo", 6), ("erase5", 6)]
+    for bad in ["0", "7-5", "x", "-3", "2-"]:
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
 
 
 def test_report_page_from_a_hand_written_run(tmp_path):
