@@ -16,12 +16,16 @@ from e3rl.train_study import HEALED, load_records
 
 
 def _band(ax: Any, series: Sequence[Sequence[float]], label: str) -> None:
-    n = min(len(s) for s in series)
+    """Mean and min..max over the seeds that reached each step: runs of one variant may differ in
+    length (`grpo_eqtok` trains until a token budget), and its later steps are what it adds."""
+    n = max(len(s) for s in series)
     if n == 0:
         return
     xs = list(range(1, n + 1))
-    cols = [[s[i] for s in series] for i in range(n)]
-    line = ax.plot(xs, [statistics.fmean(c) for c in cols], ".-", label=f"{label} ({len(series)} seeds)")[0]
+    cols = [[s[i] for s in series if len(s) > i] for i in range(n)]
+    lo = min(len(s) for s in series)
+    steps = f", {lo}–{n} steps: fewer seeds past {lo}" if lo < n else ""
+    line = ax.plot(xs, [statistics.fmean(c) for c in cols], ".-", label=f"{label} ({len(series)} seeds{steps})")[0]
     ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15)
 
 
