@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from e3rl.config import ConfigError, load_config
 from e3rl.metrics import read_metrics
@@ -93,13 +93,13 @@ def parse_seeds(text: str) -> list[int]:
     return list(range(lo, hi + 1))
 
 
-def plan(out: Path, variants: list[str], seeds: int | list[int], extra: list[str], eval_every: int,
+def plan(out: Path, variants: list[str], seeds: Sequence[int], extra: list[str], eval_every: int,
          base_steps: int = 0) -> list[RunSpec]:
     """Seed by seed (every variant of seed 0, then of seed 1, ...): an interrupted experiment has
-    whole paired seeds, which is what the comparisons use. `seeds` is a count (0..N-1) or the seeds
-    themselves. `run.steps=+N` in a variant means `base_steps` + N."""
+    whole paired seeds, which is what the comparisons use. `run.steps=+N` in a variant means
+    `base_steps` + N."""
     specs = []
-    for s in (range(seeds) if isinstance(seeds, int) else seeds):
+    for s in seeds:
         for v in variants:
             d = out / v / f"seed{s}"
             own = [f"run.steps={base_steps + int(o.split('+')[1])}" if o.startswith("run.steps=+") else o

@@ -111,7 +111,7 @@ def test_samples_to_target_and_table_numbers():
 
 
 def test_plan_gives_every_variant_the_same_seeds_and_budget(tmp_path):
-    specs = plan(tmp_path, ["grpo", "erase3", "grpo_eqtok"], seeds=2, extra=["run.steps=4"], eval_every=2,
+    specs = plan(tmp_path, ["grpo", "erase3", "grpo_eqtok"], seeds=range(2), extra=["run.steps=4"], eval_every=2,
                  base_steps=4)
     # seed by seed: a stopped experiment leaves whole paired seeds
     assert [(s.variant, s.seed) for s in specs] == [("grpo", 0), ("erase3", 0), ("grpo_eqtok", 0),
@@ -170,7 +170,7 @@ def test_entropy_figure_plots_the_runs_entropy_and_mismatch(monkeypatch):
 def test_a_token_budget_taken_from_another_variant_is_its_run_of_the_same_seed(tmp_path):
     """`run.token_budget=@erase5` becomes the tokens Erase@5 generated on that seed (erased ones
     count): from its run's metrics, else from its record once the run dir is gone."""
-    spec = plan(tmp_path / "exp", ["erase5", "grpo_eqtok"], seeds=2, extra=[], eval_every=0, base_steps=8)[3]
+    spec = plan(tmp_path / "exp", ["erase5", "grpo_eqtok"], seeds=range(2), extra=[], eval_every=0, base_steps=8)[3]
     assert (spec.variant, spec.seed) == ("grpo_eqtok", 1)
     run = tmp_path / "exp" / "erase5" / "seed1"
     run.mkdir(parents=True)
