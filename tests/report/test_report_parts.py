@@ -189,3 +189,17 @@ def test_a_token_budget_taken_from_another_variant_is_its_run_of_the_same_seed(t
     assert "run.token_budget=777" in with_budget(spec, records).overrides
     with pytest.raises(ConfigError, match="erase5 seed 1 has no finished run under .* and no record"):
         with_budget(spec, tmp_path / "elsewhere")
+
+
+def test_study_band_averages_the_seeds_that_reached_each_step():
+    """grpo_eqtok's runs end at different steps: each step's mean and band use the seeds that got there,
+    so the steps past the shortest run are drawn rather than cut off."""
+    from e3rl.report import plt
+    from e3rl.study_plots import _band
+
+    fig, ax = plt.subplots()
+    _band(ax, [[1.0, 2.0], [3.0, 4.0, 5.0]], "grpo_eqtok")
+    line = ax.get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [2.0, 3.0, 5.0]
+    assert line.get_label() == "grpo_eqtok (2 seeds, 2–3 steps: fewer seeds past 2)"
+    plt.close(fig)
