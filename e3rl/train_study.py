@@ -30,7 +30,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from e3rl.core.stats import Interval, bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect
+from e3rl.core.stats import Interval, bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect, t_mean_ci
 
 HEALED = "+heal"  # a variant's final policy sampled with test-time healing
 EQUAL_TOKENS = "grpo_eqtok"  # GRPO given the tokens Erase@5 generated on the same seed
@@ -53,17 +53,19 @@ def paired_table(a: dict[int, list[float]], b: dict[int, list[float]]) -> tuple[
 
 def compare_pair(a: dict[int, list[float]], b: dict[int, list[float]], seed: int = 0) -> dict[str, Any]:
     """a - b over the seeds both have: the mean, the crossed interval (>= 2 seeds), the per-seed
-    mean differences, their SD and the MDE (80% power, two-sided 5%) at that SD and seed count."""
+    mean differences, their SD and the MDE (80% power, two-sided 5%) at that SD and seed count,
+    and the t-interval of the per-seed means (`t_check`: the small-seed-count check on the
+    crossed bootstrap, which resamples only the seed values it saw)."""
     seeds, table = paired_table(a, b)
     per_seed = [statistics.fmean(row) for row in table]
     out: dict[str, Any] = {"seeds": seeds, "per_seed": per_seed,
                            "mean_a": statistics.fmean(statistics.fmean(a[s]) for s in seeds) if seeds else None,
                            "mean_b": statistics.fmean(statistics.fmean(b[s]) for s in seeds) if seeds else None,
-                           "difference": None, "seed_sd": None, "mde": None}
+                           "difference": None, "seed_sd": None, "mde": None, "t_check": None}
     if len(seeds) >= 2:
         sd = statistics.stdev(per_seed)
         out |= {"difference": crossed_bootstrap_mean_ci(table, seed=seed), "seed_sd": sd,
-                "mde": min_detectable_effect(sd, len(seeds))}
+                "mde": min_detectable_effect(sd, len(seeds)), "t_check": t_mean_ci(per_seed)}
     return out
 
 
@@ -304,7 +306,8 @@ def table(res: dict[str, Any]) -> str:
     for pair, c in res["comparisons"].items():
         a = c["avg@k"]
         mde = f", MDE {a['mde']:.3f}" if a["mde"] is not None else ""
-        lines.append(f"  {pair}: avg@k {_fmt(a['difference'])} over {len(a['seeds'])} seeds{mde}; "
+        t = f" (t over seeds [{a['t_check']['low']:+.3f}, {a['t_check']['high']:+.3f}])" if a.get("t_check") else ""
+        lines.append(f"  {pair}: avg@k {_fmt(a['difference'])}{t} over {len(a['seeds'])} seeds{mde}; "
                      f"entropy slope {_fmt(c['entropy_slope']['difference'])}; tokens x{c['token_ratio'] or float('nan'):.3f}")
         if pair.endswith(f":{EQUAL_TOKENS}") and (c["token_ratio"] or 0.0) > 1.0:
             lines.append(f"    ! {EQUAL_TOKENS} generated fewer tokens than its comparator: not an equal-token comparison")

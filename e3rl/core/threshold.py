@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from e3rl.core.stats import t_quantile_at_normal
 
 
 @dataclass(frozen=True)
@@ -74,36 +75,6 @@ class UncertaintyHistory:
         m = d * self.mean + (1 - d) * m_t  # mixture of the old history (d) and this step (1 - d)
         v = d * (self.var + (self.mean - m) ** 2) + (1 - d) * (v_t + (m_t - m) ** 2)
         return replace(self, mean=m, var=v, count=self.count + n)
-
-
-@lru_cache(maxsize=256)
-def t_quantile_at_normal(k: float, df: float) -> float:
-    """Student-t quantile with `df` (> 0, may be fractional) degrees of freedom at probability Phi(k).
-
-    Bisection on the t CDF, integrated by Simpson's rule in float64 (error < 1e-8 here): cached,
-    since k is fixed per run and df takes a handful of values; keeps the core free of scipy.
-    """
-    if df <= 0:
-        raise ValueError(f"t_quantile_at_normal: df must be > 0, got {df}")
-    if k == 0:
-        return 0.0
-    target = 0.5 * math.erf(abs(k) / math.sqrt(2))  # Phi(|k|) - 1/2 = mass of the t pdf on [0, t]
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def mass(t: float) -> float:
-        x = torch.linspace(0.0, t, 4001, dtype=torch.float64)
-        pdf = torch.exp(log_c - (df + 1) / 2 * torch.log1p(x * x / df))
-        w = torch.ones_like(x)
-        w[1:-1:2], w[2:-1:2] = 4.0, 2.0
-        return float((w * pdf).sum()) * t / 12000.0  # Simpson: h / 3 with h = t / 4000
-
-    lo, hi = 0.0, max(abs(k), 1.0)
-    while mass(hi) < target:
-        lo, hi = hi, 2 * hi
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if mass(mid) < target else (lo, mid)
-    return math.copysign(0.5 * (lo + hi), k)
 
 
 def segment_threshold(others_u: torch.Tensor, erase_count: int, history: UncertaintyHistory,

@@ -5,7 +5,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from e3rl.core.stats import (bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect,
+from e3rl.core.stats import (bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect, t_mean_ci,
                              units_for_effect)
 
 
@@ -88,3 +88,17 @@ def test_min_detectable_effect_is_the_normal_power_formula_and_has_that_power():
 def test_degenerate_inputs_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_t_interval_of_seed_means_matches_the_t_table():
+    """mean +- t_{0.975, n-1} sd / sqrt(n); t_{0.975, 4} = 2.7764451 and t_{0.975, 11} = 2.2009852
+    (standard tables), so small seed counts get wider intervals than the normal 1.96."""
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    ci = t_mean_ci(x)
+    half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)
+    assert (ci.mean, ci.low, ci.high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), abs=1e-6)
+    y = np.random.default_rng(5).normal(0.05, 0.07, size=12)
+    c12 = t_mean_ci(y)
+    assert (c12.high - c12.low) / 2 == pytest.approx(2.2009852 * y.std(ddof=1) / math.sqrt(12), rel=1e-6)
+    with pytest.raises(ValueError, match=">= 2 units"):
+        t_mean_ci([0.1])

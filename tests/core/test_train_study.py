@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from e3rl.config import ConfigError
-from e3rl.core.stats import bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect
+from e3rl.core.stats import bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect, t_mean_ci
 from e3rl.train_study import (compare_pair, compare_scalar, decode_correct, default_pairs, encode_correct, eval_key,
                                paired_table, parse_pairs, problems_digest, record_evals, run_record, run_train_study,
                                run_trends, slope)
@@ -37,6 +37,7 @@ def test_compare_pair_is_the_crossed_bootstrap_of_the_paired_table_with_its_mde(
     assert c["seed_sd"] == pytest.approx(statistics.stdev(per_seed))
     assert c["mde"] == pytest.approx(min_detectable_effect(statistics.stdev(per_seed), 5))
     assert c["mean_a"] - c["mean_b"] == pytest.approx(c["difference"].mean)
+    assert c["t_check"] == t_mean_ci(per_seed)
 
 
 def test_compare_pair_with_one_common_seed_gives_means_but_no_interval():

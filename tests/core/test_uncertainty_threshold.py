@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
+from e3rl.core.stats import t_quantile_at_normal
 from e3rl.core.threshold import (ThresholdParams, UncertaintyHistory, accepted_mask, segment_threshold,
-                                 should_erase, simulate_erase_loop, t_quantile_at_normal)
+                                 should_erase, simulate_erase_loop)
 from e3rl.core.uncertainty import UncertaintyWeights, moving_average, segment_uncertainty, uncertainty_components
 
 NOMINAL_K1 = 0.5 * math.erfc(1 / math.sqrt(2))  # 1 - Phi(1) = 0.1587: the erase rate k = 1 promises
