@@ -30,6 +30,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from e3rl.core.passk import pass_at_budget, pass_at_k
 from e3rl.core.stats import Interval, bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect, t_mean_ci
 
 HEALED = "+heal"  # a variant's final policy sampled with test-time healing
@@ -67,6 +68,27 @@ def compare_pair(a: dict[int, list[float]], b: dict[int, list[float]], seed: int
         out |= {"difference": crossed_bootstrap_mean_ci(table, seed=seed), "seed_sd": sd,
                 "mde": min_detectable_effect(sd, len(seeds)), "t_check": t_mean_ci(per_seed)}
     return out
+
+
+def pass_gap_at_equal_tokens(healed: Sequence[int], plain: Sequence[int], k: int, m: int,
+                             ratio: float) -> list[float]:
+    """Per problem, healed Pass@m minus plain Pass@ at the same generated tokens (m x `ratio`
+    plain samples, `ratio` = healed / plain tokens per sample; `pass_at_budget` interpolates a
+    fractional count), from each problem's correct count among k samples per mode.
+
+    Avg@k compares healing at equal *samples*; a healed sample costs more tokens, and the fair
+    question at equal tokens is how often the same token budget holds a right answer (the
+    Part 1 metric). With k samples per mode, m x ratio must not exceed k."""
+    if not 0 < m * ratio <= k:
+        raise ValueError(f"pass_gap_at_equal_tokens: {m} healed samples x ratio {ratio:.3f} must lie in (0, k={k}]")
+    return [pass_at_k(k, h, m) - pass_at_budget(k, p, m * ratio) for h, p in zip(healed, plain)]
+
+
+def healed_samples_to_compare(ratios: Sequence[float], k: int) -> list[int]:
+    """The healed sample counts m at which every run's plain equal-token budget m x ratio fits in
+    its k plain samples: m = 1 (one answer) and the largest such m (the closest to Pass@k)."""
+    top = int(k // max(max(ratios), 1.0))
+    return sorted({1, top}) if top >= 1 else []
 
 
 def compare_scalar(a: dict[int, float], b: dict[int, float], seed: int = 0) -> dict[str, Any]:
@@ -234,6 +256,20 @@ def collect_records(runs: dict[str, dict[int, Path]], have: dict[str, dict[int, 
     return out
 
 
+def test_time_equal_tokens(healed: dict[int, dict[str, Any]], plain: dict[int, dict[str, Any]],
+                           k: int) -> dict[str, Any]:
+    """Healed Pass@m vs plain Pass@ at the same generated tokens, per seed's own token ratio
+    (its evaluations' tokens per sample), paired by seed and problem like Avg@k."""
+    seeds = sorted(set(healed) & set(plain))
+    ratio = {s: healed[s]["eval_tokens_per_sample"] / plain[s]["eval_tokens_per_sample"] for s in seeds}
+    out: dict[str, Any] = {"token_ratio": {str(s): r for s, r in ratio.items()}}
+    for m in healed_samples_to_compare(list(ratio.values()), k) if seeds else []:
+        gap = {s: pass_gap_at_equal_tokens(healed[s]["correct_counts"], plain[s]["correct_counts"], k, m, ratio[s])
+               for s in seeds}
+        out[f"pass@{m}"] = compare_pair(gap, {s: [0.0] * len(g) for s, g in gap.items()})
+    return out
+
+
 def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pairs_text: str,
                     test_time_heal: bool = False, records: Optional[Path] = None) -> dict[str, Any]:
     from e3rl.config import ConfigError
@@ -264,6 +300,7 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
                 digests.add(ev["problems"])
                 per_run.setdefault(v + (HEALED if mode == "healed" else ""), {})[s] = {
                     "avg": [sum(r) / k for r in correct], "pass": [float(any(r)) for r in correct],
+                    "correct_counts": [sum(r) for r in correct],
                     "eval_tokens_per_sample": ev["tokens_per_sample"], **rec["trends"]}
     if len(digests) > 1:
         raise ConfigError(f"--records: the records hold {len(digests)} different held-out sets under one key "
@@ -286,6 +323,8 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
         tok = [per_run[a][s]["tokens_generated"] / per_run[b][s]["tokens_generated"] for s in avg["seeds"]]
         comparisons[f"{a}:{b}"] = {"avg@k": avg, "entropy_slope": ent,
                                    "token_ratio": statistics.fmean(tok) if tok else None}
+        if a == b + HEALED:  # the same policies healed vs plain: also at equal generated tokens
+            comparisons[f"{a}:{b}"]["equal_tokens"] = test_time_equal_tokens(per_run[a], per_run[b], k)
     return {"experiment": str(experiment) if experiment else None, "records": str(records), "data": spec,
             "size": size, "k": k, "variants": variants, "comparisons": comparisons,
             "per_run": {v: {str(s): r for s, r in seeds.items()} for v, seeds in per_run.items()}}
@@ -309,6 +348,11 @@ def table(res: dict[str, Any]) -> str:
         t = f" (t over seeds [{a['t_check']['low']:+.3f}, {a['t_check']['high']:+.3f}])" if a.get("t_check") else ""
         lines.append(f"  {pair}: avg@k {_fmt(a['difference'])}{t} over {len(a['seeds'])} seeds{mde}; "
                      f"entropy slope {_fmt(c['entropy_slope']['difference'])}; tokens x{c['token_ratio'] or float('nan'):.3f}")
+        for name, e in (c.get("equal_tokens") or {}).items():
+            if name.startswith("pass@"):
+                lines.append(f"    at equal generated tokens, healed {name} vs plain: {_fmt(e['difference'])} "
+                             f"(t over seeds [{e['t_check']['low']:+.3f}, {e['t_check']['high']:+.3f}])"
+                             if e["t_check"] else f"    at equal generated tokens, healed {name} vs plain: n/a")
         if pair.endswith(f":{EQUAL_TOKENS}") and (c["token_ratio"] or 0.0) > 1.0:
             lines.append(f"    ! {EQUAL_TOKENS} generated fewer tokens than its comparator: not an equal-token comparison")
     return "\n".join(lines)

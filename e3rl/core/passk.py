@@ -24,15 +24,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def pass_at_budget(n: int, c: int, m: float) -> float:
-    """Pass@ at a fractional number of samples 1 <= m <= n: the budget that draws ceil(m) samples
+    """Pass@ at a fractional number of samples 0 <= m <= n: the budget that draws ceil(m) samples
     with probability m - floor(m), else floor(m), spends m samples' tokens in expectation, and
-    its Pass@ is linear between the two unbiased values. (Healing's extra tokens are rarely a
-    whole number of plain samples; rounding the plain budget up would favour plain sampling.)"""
-    if not 1 <= m <= n:
-        raise ValueError(f"pass_at_budget: need 1 <= m <= n, got n={n}, m={m}")
+    its Pass@ is linear between the two unbiased values (Pass@0 = 0: no sample, no answer).
+    (Healing's extra tokens are rarely a whole number of plain samples; rounding the plain budget
+    up would favour plain sampling, and a healed sample may even cost less than a plain one.)"""
+    if not 0 <= m <= n:
+        raise ValueError(f"pass_at_budget: need 0 <= m <= n, got n={n}, m={m}")
     lo = int(np.floor(m))
     frac = m - lo
-    low = pass_at_k(n, c, lo)
+    low = pass_at_k(n, c, lo) if lo >= 1 else 0.0
     return low if frac == 0 else (1 - frac) * low + frac * pass_at_k(n, c, lo + 1)
 
 

@@ -11,8 +11,8 @@ import pytest
 from e3rl.config import ConfigError
 from e3rl.core.stats import bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect, t_mean_ci
 from e3rl.train_study import (compare_pair, compare_scalar, decode_correct, default_pairs, encode_correct, eval_key,
-                               paired_table, parse_pairs, problems_digest, record_evals, run_record, run_train_study,
-                               run_trends, slope)
+                               healed_samples_to_compare, paired_table, parse_pairs, pass_gap_at_equal_tokens,
+                               problems_digest, record_evals, run_record, run_train_study, run_trends, slope)
 
 
 def test_paired_table_keeps_the_seeds_both_variants_finished_and_subtracts_per_problem():
@@ -135,3 +135,36 @@ def test_the_analysis_runs_from_records_alone_and_pairs_them_by_seed_and_problem
         run_train_study(None, "gym:chain_sum", 3, 2, "", records=tmp_path)
     with pytest.raises(ConfigError, match="no finished run .* and no record"):
         run_train_study(None, "gym:chain_sum", 3, 2, "", records=tmp_path / "empty")
+
+
+def test_healing_at_equal_tokens_gives_plain_sampling_the_healed_samples_token_cost():
+    """k = 4 per mode. Healed Pass@1 of 2/4 right is 0.5; plain with 1/4 right at 1.5 samples'
+    tokens is halfway between Pass@1 = 0.25 and Pass@2 = 1 - C(3,2)/C(4,2) = 0.5, so 0.375."""
+    assert pass_gap_at_equal_tokens([2], [1], k=4, m=1, ratio=1.5) == pytest.approx([0.125])
+    # Pass@3 healed (3/4 right: 1.0) vs plain 3.3 samples of 1/4 right: 0.7 * 0.75 + 0.3 * 1.0
+    assert pass_gap_at_equal_tokens([3], [1], k=4, m=3, ratio=1.1) == pytest.approx([1.0 - 0.825])
+    # a healed answer shorter than a plain one: plain gets 0.8 of a sample (0.8 x Pass@1)
+    assert pass_gap_at_equal_tokens([1], [2], k=4, m=1, ratio=0.8) == pytest.approx([0.25 - 0.8 * 0.5])
+    with pytest.raises(ValueError, match="must lie in"):
+        pass_gap_at_equal_tokens([3], [1], k=4, m=3, ratio=1.5)  # 4.5 plain samples: not in k = 4
+    assert healed_samples_to_compare([1.12, 1.05], 4) == [1, 3]
+    assert healed_samples_to_compare([0.9], 4) == [1, 4]  # healing cheaper: plain gets fewer than 4
+    assert healed_samples_to_compare([1.3], 4) == [1, 3] and healed_samples_to_compare([2.5], 4) == [1]
+
+
+def test_test_time_healing_pairs_are_also_compared_at_equal_generated_tokens(tmp_path):
+    plain = {0: [[True, False], [False, False], [False, False]], 1: [[False, False], [True, False], [False, False]]}
+    healed = {0: [[True, True], [True, False], [False, False]], 1: [[True, False], [True, False], [False, True]]}
+    for s in (0, 1):
+        rec = _record("grpo", s, plain[s])
+        rec["evals"]["healed"] = {**rec["evals"]["plain"], "correct": encode_correct(healed[s]),
+                                  "tokens_per_sample": 9.0 * (1.5 if s == 0 else 1.0)}
+        _write(tmp_path, rec)
+    res = run_train_study(None, "gym:chain_sum", 3, 2, "grpo+heal:grpo", test_time_heal=True, records=tmp_path)
+    eq = res["comparisons"]["grpo+heal:grpo"]["equal_tokens"]
+    assert eq["token_ratio"] == {"0": 1.5, "1": 1.0}
+    assert set(eq) == {"token_ratio", "pass@1"}  # 2 // 1.5 = 1: only one healed sample fits
+    # seed 0: healed Pass@1 (1, .5, 0) vs plain at 1.5 samples of k = 2 (.5 -> .75, 0, 0); seed 1: at 1 sample
+    gaps = {0: [1.0 - 0.75, 0.5 - 0.0, 0.0], 1: [0.5 - 0.0, 0.5 - 0.5, 0.5 - 0.0]}
+    assert eq["pass@1"]["per_seed"] == pytest.approx([np.mean(gaps[0]), np.mean(gaps[1])])
+    assert eq["pass@1"]["difference"] == crossed_bootstrap_mean_ci([gaps[0], gaps[1]])

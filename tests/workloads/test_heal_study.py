@@ -23,6 +23,10 @@ def test_pass_at_a_fractional_budget_is_the_randomised_budgets_pass():
     assert pass_at_budget(n, c, 4.0) == pytest.approx(pass_at_k(n, c, 4)) == pytest.approx(p4)
     with pytest.raises(ValueError):
         pass_at_budget(4, 1, 4.5)  # more than the samples drawn
+    # under one sample's tokens (a healed answer shorter than a plain one): one sample with
+    # probability m, else none, and no sample answers nothing
+    assert pass_at_budget(n, c, 0.75) == pytest.approx(0.75 * c / n)
+    assert pass_at_budget(n, c, 0.0) == 0.0
 
 
 def test_compare_modes_pairs_by_problem_and_counts_the_extra_samples_only_for_pass():
