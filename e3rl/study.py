@@ -210,6 +210,7 @@ def _train_main(args: list[str]) -> int:
 
     from e3rl import train_study
     from e3rl.eval import CliParser, cli_main
+    from e3rl.experiment import parse_seeds
 
     def run() -> tuple[dict[str, Any], Optional[str]]:
         h = CliParser("python -m e3rl.study train", train_study.__doc__)
@@ -223,13 +224,21 @@ def _train_main(args: list[str]) -> int:
                                                    "erase5 vs grpo_eqtok)")
         h.add_argument("--test-time-heal", action="store_true",
                        help="also sample every policy with test-time healing (variants named <v>+heal)")
+        h.add_argument("--temperature", type=float,
+                       help="also sample every compared policy at this temperature (variants named <v>@T<t>, "
+                            "<v>@T<t>+heal with --test-time-heal)")
+        h.add_argument("--seeds", help="only these seeds: N (0..N-1) or A-B (default: every seed found)")
         h.add_argument("--out", help="write the JSON result here")
         h.add_argument("--plot", help="draw accuracy per seed, entropy and log-prob mismatch curves to this PNG")
         a = h.parse_args(args)
         if a.size < 2 or a.k < 1:
             raise ConfigError(f"--size / --k: need >= 2 problems and >= 1 sample, got {a.size} / {a.k} — e.g. --size 200 --k 4")
+        if a.temperature is not None and not a.temperature > 0:
+            raise ConfigError(f"--temperature: need a sampling temperature > 0, got {a.temperature} — e.g. --temperature 0.7")
+
         res = train_study.run_train_study(Path(a.experiment) if a.experiment else None, a.data, a.size, a.k,
-                                          a.pairs, a.test_time_heal, Path(a.records) if a.records else None)
+                                          a.pairs, a.test_time_heal, Path(a.records) if a.records else None,
+                                          a.temperature, parse_seeds(a.seeds) if a.seeds else None)
         if a.plot:
             from e3rl.study_plots import plot_study
 

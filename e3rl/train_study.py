@@ -4,7 +4,7 @@ set with plain sampling.
 
     python -m e3rl.study train [--experiment runs/experiment] [--records DIR] [--data gym:chain_sum]
                                [--size 200] [--k 4] [--pairs erase5:grpo,...] [--test-time-heal]
-                               [--out FILE.json]
+                               [--temperature T] [--seeds A-B] [--out FILE.json]
 
 - Every final policy (`<experiment>/<variant>/seed<s>/policy`) samples k answers to the same
   `--size` held-out problems (the held-out draw of `data.seed=0`, whatever seed trained it), plain
@@ -18,6 +18,10 @@ set with plain sampling.
   difference of Avg@k, with a crossed bootstrap over seeds x problems (seeds are what training
   draws; problems what evaluation draws), and the minimum detectable effect of that many seeds
   at the observed seed-to-seed spread.
+- `--temperature T` also samples each compared policy at T (`<v>@T<t>`, `<v>@T<t>+heal`): is
+  test-time healing more than a colder sampler? Two ways of sampling the same policies are also
+  compared at equal generated tokens (Pass@1 and Pass@m, the token ratio per seed). `--seeds`
+  restricts the study to seeds whose runs or records have what it asks for.
 - Per run, from its metrics: generated tokens (erased ones count), the policy entropy on the
   training batches (first and last step, and its least-squares slope per step), and
   `learner/logp_diff_mean` (the generator-learner log-prob mismatch).
@@ -35,7 +39,29 @@ from e3rl.core.stats import Interval, bootstrap_mean_ci, crossed_bootstrap_mean_
 
 HEALED = "+heal"  # a variant's final policy sampled with test-time healing
 EQUAL_TOKENS = "grpo_eqtok"  # GRPO given the tokens Erase@5 generated on the same seed
-MODES = ("plain", "healed")
+MODES = ("plain", "healed")  # at the run's own sampling temperature; "plain@T0.7" etc. at another
+
+
+def mode_name(healed: bool, temperature: Optional[float] = None) -> str:
+    """A record's evaluation mode: "plain" / "healed" at the run's own temperature, with "@T<t>"
+    when sampled at another (`--temperature`)."""
+    return MODES[healed] + ("" if temperature is None else f"@T{temperature:g}")
+
+
+def mode_temperature(mode: str) -> Optional[float]:
+    _, sep, t = mode.partition("@T")
+    return float(t) if sep else None
+
+
+def mode_suffix(mode: str) -> str:
+    """The analysis name's suffix of a variant sampled in `mode`: "", "+heal", "@T0.7", "@T0.7+heal"."""
+    base, sep, t = mode.partition("@T")
+    return (f"@T{t}" if sep else "") + (HEALED if base == "healed" else "")
+
+
+def policy_of(name: str) -> str:
+    """The trained variant behind an analysis name: "grpo@T0.7+heal" -> "grpo"."""
+    return name.removesuffix(HEALED).partition("@T")[0]
 CURVES = {"entropy": "learner/entropy", "logp_diff": "learner/logp_diff_mean", "reward": "gen/reward_mean",
           "tokens": "gen/tokens_produced"}  # per-step series a record keeps (its plots)
 SUMMARY_KEYS = ("steps", "samples", "tokens_generated", "wall_s", "phase_seconds", "rewinds_per_sample",
@@ -199,24 +225,27 @@ def load_records(records: Path) -> dict[str, dict[int, dict[str, Any]]]:
 
 def evaluate_run(run: Path, spec: str, size: int, k: int, modes: Sequence[str]) -> dict[str, Any]:
     """The run's final policy on the fixed held-out set, sampled plainly and/or with test-time
-    healing ("plain", "healed") on one generator group -> {mode: evaluation}."""
+    healing ("plain", "healed"; "...@T<t>" at temperature t) -> {mode: evaluation}."""
     import argparse
 
     from e3rl.eval import build_config, generator_group, load_sets, prepare_model
     from e3rl.evaluation import sample_rows
 
-    cfg = build_config(argparse.Namespace(data=[spec], model=str(run / "policy"), config=None, k=k, size=size,
-                                          overrides=["data.seed=0", "run.seed=0", "run.progress=false"]))
-    cfg, tokenizer = prepare_model(cfg)
-    es = load_sets(cfg, [spec], size, tokenizer)[0]
     key = eval_key(spec, size, k)
     out: dict[str, Any] = {}
-    with generator_group(cfg) as group:
-        for mode in modes:
-            rows = sample_rows(group, es, k, heal=mode == "healed", seed=0)[0]
-            out[mode] = {"key": key, "problems": problems_digest([p.uid for p in es.problems]),
-                         "correct": encode_correct([[bool(t.correct) for t in row] for row in rows]),
-                         "tokens_per_sample": statistics.fmean(len(t.stream_ids) for row in rows for t in row)}
+    for temperature in dict.fromkeys(mode_temperature(m) for m in modes):  # one generator group each
+        extra = [] if temperature is None else [f"gen.temperature={temperature}"]
+        cfg = build_config(argparse.Namespace(data=[spec], model=str(run / "policy"), config=None, k=k, size=size,
+                                              overrides=["data.seed=0", "run.seed=0", "run.progress=false", *extra]))
+        cfg, tokenizer = prepare_model(cfg)
+        es = load_sets(cfg, [spec], size, tokenizer)[0]
+        with generator_group(cfg) as group:
+            for mode in (m for m in modes if mode_temperature(m) == temperature):
+                rows = sample_rows(group, es, k, heal=mode.startswith("healed"), seed=0)[0]
+                out[mode] = {"key": key, "problems": problems_digest([p.uid for p in es.problems]),
+                             "correct": encode_correct([[bool(t.correct) for t in row] for row in rows]),
+                             "tokens_per_sample": statistics.fmean(len(t.stream_ids) for row in rows for t in row),
+                             "temperature": cfg.gen.temperature}
     return out
 
 
@@ -226,8 +255,9 @@ def eval_key(spec: str, size: int, k: int) -> dict[str, Any]:
 
 def collect_records(runs: dict[str, dict[int, Path]], have: dict[str, dict[int, dict[str, Any]]], records: Path,
                     variants: Optional[set[str]], spec: str, size: int, k: int,
-                    modes: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Every (variant, seed) with a finished run (`runs`) or a record (`have`) -> its record holding
+                    modes: Sequence[str], seeds: Optional[set[int]] = None) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every (variant, seed) with a finished run (`runs`) or a record (`have`), of `seeds` if given,
+    -> its record holding
     `modes` under this key. A finished run without one is evaluated (only the missing modes) and
     its record written to `records`; a record whose run is gone must already hold them."""
     from e3rl.config import ConfigError
@@ -240,6 +270,8 @@ def collect_records(runs: dict[str, dict[int, Path]], have: dict[str, dict[int, 
         if variants is not None and v not in variants:
             continue
         for s in sorted(set(runs.get(v, {})) | set(have.get(v, {}))):
+            if seeds is not None and s not in seeds:
+                continue
             rec, run = have.get(v, {}).get(s), runs.get(v, {}).get(s)
             evals = record_evals(rec, key)
             todo = [m for m in modes if m not in evals]
@@ -256,22 +288,23 @@ def collect_records(runs: dict[str, dict[int, Path]], have: dict[str, dict[int, 
     return out
 
 
-def test_time_equal_tokens(healed: dict[int, dict[str, Any]], plain: dict[int, dict[str, Any]],
-                           k: int) -> dict[str, Any]:
-    """Healed Pass@m vs plain Pass@ at the same generated tokens, per seed's own token ratio
-    (its evaluations' tokens per sample), paired by seed and problem like Avg@k."""
-    seeds = sorted(set(healed) & set(plain))
-    ratio = {s: healed[s]["eval_tokens_per_sample"] / plain[s]["eval_tokens_per_sample"] for s in seeds}
+def test_time_equal_tokens(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], k: int) -> dict[str, Any]:
+    """The same policies sampled two ways (healed vs plain, or at two temperatures): a's Pass@m vs
+    b's Pass@ at the same generated tokens, each seed at its own token ratio (its evaluations'
+    tokens per sample), paired by seed and problem like Avg@k."""
+    seeds = sorted(set(a) & set(b))
+    ratio = {s: a[s]["eval_tokens_per_sample"] / b[s]["eval_tokens_per_sample"] for s in seeds}
     out: dict[str, Any] = {"token_ratio": {str(s): r for s, r in ratio.items()}}
     for m in healed_samples_to_compare(list(ratio.values()), k) if seeds else []:
-        gap = {s: pass_gap_at_equal_tokens(healed[s]["correct_counts"], plain[s]["correct_counts"], k, m, ratio[s])
+        gap = {s: pass_gap_at_equal_tokens(a[s]["correct_counts"], b[s]["correct_counts"], k, m, ratio[s])
                for s in seeds}
         out[f"pass@{m}"] = compare_pair(gap, {s: [0.0] * len(g) for s, g in gap.items()})
     return out
 
 
 def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pairs_text: str,
-                    test_time_heal: bool = False, records: Optional[Path] = None) -> dict[str, Any]:
+                    test_time_heal: bool = False, records: Optional[Path] = None,
+                    temperature: Optional[float] = None, seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
     from e3rl.config import ConfigError
     from e3rl.experiment import VARIANTS
 
@@ -280,25 +313,27 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
     if experiment is None and records is None:
         raise ConfigError("--experiment / --records: give an e3rl.experiment --out dir, a records dir, or both")
     records = records if records is not None else experiment / "records"
-    modes = MODES if test_time_heal else MODES[:1]
+    modes = [mode_name(h, t) for t in (None, temperature)[:1 + (temperature is not None)]
+             for h in (False, True)[:1 + test_time_heal]]
     runs = finished_runs(experiment) if experiment else {}
     have = load_records(records) if records.is_dir() else {}
     found = set(runs) | set(have)
     if not found:
         raise ConfigError(f"--experiment / --records: no finished run (<variant>/seed<k>/policy) and no record "
                           f"under {experiment or records} — run python -m e3rl.experiment first")
-    names = [v + suffix for v in sorted(found) for suffix in ("", HEALED)[:len(modes)]]
+    names = [v + mode_suffix(m) for v in sorted(found) for m in modes]
     pairs = parse_pairs(pairs_text, names) if pairs_text else default_pairs(sorted(found), test_time_heal=test_time_heal)
-    needed = {x.removesuffix(HEALED) for pair in pairs for x in pair}  # evaluate only what is compared
+    needed = {policy_of(x) for pair in pairs for x in pair}  # evaluate only what is compared
     key = eval_key(spec, size, k)
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
     digests = set()
-    for v, seeds in collect_records(runs, have, records, needed, spec, size, k, modes).items():
-        for s, rec in seeds.items():
+    chosen = set(seeds) if seeds is not None else None
+    for v, recs in collect_records(runs, have, records, needed, spec, size, k, modes, chosen).items():
+        for s, rec in recs.items():
             for mode, ev in record_evals(rec, key).items():
                 correct = decode_correct(ev["correct"])
                 digests.add(ev["problems"])
-                per_run.setdefault(v + (HEALED if mode == "healed" else ""), {})[s] = {
+                per_run.setdefault(v + mode_suffix(mode), {})[s] = {
                     "avg": [sum(r) / k for r in correct], "pass": [float(any(r)) for r in correct],
                     "correct_counts": [sum(r) for r in correct],
                     "eval_tokens_per_sample": ev["tokens_per_sample"], **rec["trends"]}
@@ -306,11 +341,12 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
         raise ConfigError(f"--records: the records hold {len(digests)} different held-out sets under one key "
                           "(another task config?) — compare records of one experiment")
     variants = {}
-    for v, seeds in per_run.items():
-        xs = list(seeds.values())
-        base = v.removesuffix(HEALED)
-        label = VARIANTS.get(base, (base,))[0] + (", healed at test time" if v != base else "")
-        variants[v] = {"label": label, "seeds": sorted(seeds),
+    for v, by_seed in per_run.items():
+        xs = list(by_seed.values())
+        base, temp = policy_of(v), v.removesuffix(HEALED).partition("@T")[2]
+        label = (VARIANTS.get(base, (base,))[0] + (f", sampled at T = {temp}" if temp else "")
+                 + (", healed at test time" if v.endswith(HEALED) else ""))
+        variants[v] = {"label": label, "seeds": sorted(by_seed),
                        **{f"{m}": statistics.fmean(statistics.fmean(x[m]) if isinstance(x[m], list) else x[m]
                                                    for x in xs)
                           for m in ("avg", "pass", "tokens_generated", "entropy_first", "entropy_last",
@@ -323,11 +359,11 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
         tok = [per_run[a][s]["tokens_generated"] / per_run[b][s]["tokens_generated"] for s in avg["seeds"]]
         comparisons[f"{a}:{b}"] = {"avg@k": avg, "entropy_slope": ent,
                                    "token_ratio": statistics.fmean(tok) if tok else None}
-        if a == b + HEALED:  # the same policies healed vs plain: also at equal generated tokens
+        if policy_of(a) == policy_of(b):  # the same policies sampled two ways: also at equal generated tokens
             comparisons[f"{a}:{b}"]["equal_tokens"] = test_time_equal_tokens(per_run[a], per_run[b], k)
     return {"experiment": str(experiment) if experiment else None, "records": str(records), "data": spec,
             "size": size, "k": k, "variants": variants, "comparisons": comparisons,
-            "per_run": {v: {str(s): r for s, r in seeds.items()} for v, seeds in per_run.items()}}
+            "per_run": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in per_run.items()}}
 
 
 def _fmt(i: Optional[dict[str, Any]]) -> str:
@@ -350,9 +386,9 @@ def table(res: dict[str, Any]) -> str:
                      f"entropy slope {_fmt(c['entropy_slope']['difference'])}; tokens x{c['token_ratio'] or float('nan'):.3f}")
         for name, e in (c.get("equal_tokens") or {}).items():
             if name.startswith("pass@"):
-                lines.append(f"    at equal generated tokens, healed {name} vs plain: {_fmt(e['difference'])} "
+                lines.append(f"    at equal generated tokens, {name} of a vs b: {_fmt(e['difference'])} "
                              f"(t over seeds [{e['t_check']['low']:+.3f}, {e['t_check']['high']:+.3f}])"
-                             if e["t_check"] else f"    at equal generated tokens, healed {name} vs plain: n/a")
+                             if e["t_check"] else f"    at equal generated tokens, {name} of a vs b: n/a")
         if pair.endswith(f":{EQUAL_TOKENS}") and (c["token_ratio"] or 0.0) > 1.0:
             lines.append(f"    ! {EQUAL_TOKENS} generated fewer tokens than its comparator: not an equal-token comparison")
     return "\n".join(lines)

@@ -11,8 +11,9 @@ import pytest
 from e3rl.config import ConfigError
 from e3rl.core.stats import bootstrap_mean_ci, crossed_bootstrap_mean_ci, min_detectable_effect, t_mean_ci
 from e3rl.train_study import (compare_pair, compare_scalar, decode_correct, default_pairs, encode_correct, eval_key,
-                               healed_samples_to_compare, paired_table, parse_pairs, pass_gap_at_equal_tokens,
-                               problems_digest, record_evals, run_record, run_train_study, run_trends, slope)
+                               healed_samples_to_compare, mode_name, mode_suffix, mode_temperature, paired_table,
+                               parse_pairs, pass_gap_at_equal_tokens, policy_of, problems_digest, record_evals,
+                               run_record, run_train_study, run_trends, slope)
 
 
 def test_paired_table_keeps_the_seeds_both_variants_finished_and_subtracts_per_problem():
@@ -168,3 +169,32 @@ def test_test_time_healing_pairs_are_also_compared_at_equal_generated_tokens(tmp
     gaps = {0: [1.0 - 0.75, 0.5 - 0.0, 0.0], 1: [0.5 - 0.0, 0.5 - 0.5, 0.5 - 0.0]}
     assert eq["pass@1"]["per_seed"] == pytest.approx([np.mean(gaps[0]), np.mean(gaps[1])])
     assert eq["pass@1"]["difference"] == crossed_bootstrap_mean_ci([gaps[0], gaps[1]])
+
+
+def test_a_policy_sampled_at_another_temperature_is_its_own_analysis_variant(tmp_path):
+    assert [mode_name(h, t) for t in (None, 0.7) for h in (False, True)] == [
+        "plain", "healed", "plain@T0.7", "healed@T0.7"]
+    assert [mode_suffix(m) for m in ("plain", "healed", "plain@T0.7", "healed@T0.7")] == [
+        "", "+heal", "@T0.7", "@T0.7+heal"]
+    assert mode_temperature("healed@T0.5") == 0.5 and mode_temperature("plain") is None
+    assert policy_of("grpo@T0.7+heal") == policy_of("grpo+heal") == policy_of("grpo") == "grpo"
+    plain = {0: [[True, False], [False, False], [False, False]], 1: [[False, False], [True, False], [False, False]]}
+    cold = {0: [[True, True], [False, False], [True, False]], 1: [[True, True], [True, False], [False, False]]}
+    for s in (0, 1, 2):
+        rec = _record("grpo", s, plain[s % 2])
+        if s < 2:  # seed 2 has no evaluation at T = 0.7 (its run is gone): --seeds leaves it out
+            rec["evals"]["plain@T0.7"] = {**rec["evals"]["plain"], "correct": encode_correct(cold[s]),
+                                          "tokens_per_sample": 4.5}
+        _write(tmp_path, rec)
+    with pytest.raises(ConfigError, match="grpo seed 2 has no plain@T0.7 evaluation"):
+        run_train_study(None, "gym:chain_sum", 3, 2, "grpo@T0.7:grpo", records=tmp_path, temperature=0.7)
+    res = run_train_study(None, "gym:chain_sum", 3, 2, "grpo@T0.7:grpo", records=tmp_path, temperature=0.7,
+                          seeds=[0, 1])
+    c = res["comparisons"]["grpo@T0.7:grpo"]
+    assert c["avg@k"]["seeds"] == [0, 1] and res["variants"]["grpo@T0.7"]["label"].endswith("sampled at T = 0.7")
+    assert c["avg@k"]["per_seed"] == pytest.approx([(1.0 + 0.5 - 0.5) / 3, (1.0 - 0.0 + 0.0) / 3])
+    # the colder samples are half as long: a's 1 sample costs b's half sample (0.5 x Pass@1)
+    assert c["equal_tokens"]["token_ratio"] == {"0": 0.5, "1": 0.5}
+    assert set(c["equal_tokens"]) == {"token_ratio", "pass@1", "pass@2"}  # k = 2 fits 2 x 0.5 plain samples
+    assert c["equal_tokens"]["pass@1"]["per_seed"][0] == pytest.approx(
+        np.mean([1.0 - 0.5 * 0.5, 0.0 - 0.0, 0.5 - 0.0]))

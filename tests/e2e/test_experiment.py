@@ -103,8 +103,8 @@ def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
             (two / v / f"seed{s}").symlink_to(out / v / "seed0", target_is_directory=True)
     res_path, ref_path = tmp_path / "train.json", tmp_path / "ref.json"
     p = subprocess.run([sys.executable, "-m", "e3rl.study", "train", "--experiment", str(two), "--size", "4",
-                        "--k", "2", "--test-time-heal", "--out", str(res_path)], cwd=REPO, env=run_env(), capture_output=True,
-                       text=True, timeout=400)
+                        "--k", "2", "--test-time-heal", "--temperature", "0.5", "--out", str(res_path)], cwd=REPO,
+                       env=run_env(), capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(res_path.read_text())
     c = res["comparisons"]["erase1:grpo"]["avg@k"]
@@ -112,29 +112,32 @@ def test_train_study_pairs_seeds_and_agrees_with_eval(exp, tmp_path):
     diff = res["variants"]["erase1"]["avg"] - res["variants"]["grpo"]["avg"]
     assert c["difference"]["mean"] == pytest.approx(diff) and c["per_seed"][0] == pytest.approx(diff)
     assert res["comparisons"]["erase1:grpo"]["token_ratio"] > 1.0  # erased tokens count
-    for v in ("grpo", "erase1"):
+    for v, temperature in (("grpo", []), ("erase1", []), ("grpo", ["gen.temperature=0.5"])):
         run = res["per_run"][v]["0"]
         assert run["tokens_generated"] > 0 and run["entropy_first"] > 0
         ref = subprocess.run([sys.executable, "-m", "e3rl.eval", "--model", str(out / v / "seed0" / "policy"),
                               "--data", "gym:chain_sum", "--size", "4", "--k", "2", "--heal", "both",
-                              "--out", str(ref_path), "data.seed=0", "run.seed=0"],
+                              "--out", str(ref_path), "data.seed=0", "run.seed=0", *temperature],
                              cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=400)
         assert ref.returncode == 0, ref.stderr[-3000:]
         expected = json.loads(ref_path.read_text())["results"]
-        assert res["variants"][v]["avg"] == pytest.approx(expected["off"]["gym:chain_sum"]["avg@2"])
-        assert res["variants"][v + "+heal"]["avg"] == pytest.approx(expected["on"]["gym:chain_sum"]["avg@2"])
+        name = v + ("@T0.5" if temperature else "")  # --temperature 0.5: the same policy sampled colder
+        assert res["variants"][name]["avg"] == pytest.approx(expected["off"]["gym:chain_sum"]["avg@2"])
+        assert res["variants"][name + "+heal"]["avg"] == pytest.approx(expected["on"]["gym:chain_sum"]["avg@2"])
     assert {"grpo+heal:grpo", "erase1+heal:grpo+heal", "erase1+heal:grpo"} <= set(res["comparisons"])
     assert "erase1:grpo: avg@k" in p.stdout
     # each run left a record; with the runs gone, the records alone give the same analysis
     records = two / "records"
     assert sorted(f.relative_to(records).as_posix() for f in records.glob("*/*.json")) == [
         "erase1/seed0.json", "erase1/seed1.json", "grpo/seed0.json", "grpo/seed1.json"]
+    kept = json.loads((records / "grpo" / "seed0.json").read_text())["evals"]
+    assert sorted(kept) == ["healed", "healed@T0.5", "plain", "plain@T0.5"] and kept["plain@T0.5"]["temperature"] == 0.5
     for v in ("grpo", "erase1"):
         shutil.rmtree(two / v)
     again = tmp_path / "again.json"
     p = subprocess.run([sys.executable, "-m", "e3rl.study", "train", "--records", str(records), "--size", "4",
-                        "--k", "2", "--test-time-heal", "--out", str(again)], cwd=REPO, env=run_env(),
-                       capture_output=True, text=True, timeout=120)
+                        "--k", "2", "--test-time-heal", "--temperature", "0.5", "--out", str(again)], cwd=REPO,
+                       env=run_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert json.loads(again.read_text())["comparisons"] == res["comparisons"]
 
