@@ -11,8 +11,8 @@ import torch
 
 from actors.rollout_stats import merge_stats, rollout_stats, segment_stats
 from e3rl.config import ConfigError, load_config
-from e3rl.experiment import (VARIANTS, budget_sources, markdown_table, mean_std, parse_seeds, placeholder_budget, plan,
-                             samples_to_target, table_rows, with_budget)
+from e3rl.experiment import (DEFAULT_VARIANTS, VARIANTS, budget_sources, check_plan, markdown_table, mean_std,
+                             parse_seeds, placeholder_budget, plan, samples_to_target, table_rows, with_budget)
 from e3rl.report import build_report, pick_samples, render_trajectory
 from e3rl.traces import read_traces, write_trace
 from tests.core.test_trajectory import _traj
@@ -126,6 +126,19 @@ def test_plan_gives_every_variant_the_same_seeds_and_budget(tmp_path):
         else:
             assert all(o in s.overrides for o in VARIANTS[s.variant][1])
             assert load_config(None, s.overrides).run.steps == 4
+
+
+def test_the_default_experiment_compares_at_equal_tokens_too(tmp_path):
+    """E3RL generates more tokens per sample than GRPO; the default variants include GRPO at E3RL's
+    tokens, after the Erase@5 run it takes them from, and the plan of the defaults checks out."""
+    variants = DEFAULT_VARIANTS.split(",")
+    specs = plan(tmp_path, variants, [0], [], 0, base_steps=8)
+    check_plan(specs, variants, None, None)
+    assert [s.variant for s in specs if budget_sources(s)] == ["grpo_eqtok"]
+    wrong = ["grpo_eqtok", "erase5"]
+    with pytest.raises(ConfigError, match="--variants: grpo_eqtok takes the tokens of erase5's run"):
+        check_plan(plan(tmp_path, wrong, [0], [], 0, base_steps=8), wrong, None, None)
+    check_plan(plan(tmp_path, wrong, [0], [], 0, base_steps=8), wrong, None, tmp_path)  # records may hold them
 
 
 def test_seeds_are_a_count_or_a_range_so_a_later_session_can_add_seeds(tmp_path):
