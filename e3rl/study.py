@@ -220,8 +220,8 @@ def _train_main(args: list[str]) -> int:
         h.add_argument("--data", default="gym:chain_sum", help="one benchmark: a file or gym:<task>")
         h.add_argument("--size", type=int, default=200, help="held-out problems (seeded, data.seed=0)")
         h.add_argument("--k", type=int, default=4, help="samples per problem")
-        h.add_argument("--pairs", default="", help="a:b comparisons (default: every variant vs grpo, "
-                                                   "erase5 vs grpo_eqtok)")
+        h.add_argument("--pairs", default="", help="a:b comparisons, or a-b:c-d (two gaps) (default: every "
+                                                   "variant vs grpo, erase5 vs grpo_eqtok)")
         h.add_argument("--test-time-heal", action="store_true",
                        help="also sample every policy with test-time healing (variants named <v>+heal)")
         h.add_argument("--temperature", type=float,

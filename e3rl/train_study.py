@@ -17,7 +17,8 @@ set with plain sampling.
 - A pair `a:b` compares variant a with b on the seeds both finished: the per-(seed, problem)
   difference of Avg@k, with a crossed bootstrap over seeds x problems (seeds are what training
   draws; problems what evaluation draws), and the minimum detectable effect of that many seeds
-  at the observed seed-to-seed spread.
+  at the observed seed-to-seed spread. A pair `a-b:c-d` compares two such gaps the same way (does
+  a condition, e.g. the learner's precision, change what healing gains over GRPO?).
 - `--temperature T` also samples each compared policy at T (`<v>@T<t>`, `<v>@T<t>+heal`): is
   test-time healing more than a colder sampler? Two ways of sampling the same policies are also
   compared at equal generated tokens (Pass@1 and Pass@m, the token ratio per seed). `--seeds`
@@ -176,17 +177,36 @@ def record_evals(record: Optional[dict[str, Any]], key: dict[str, Any]) -> dict[
     return {m: ev for m, ev in record["evals"].items() if ev.get("key") == key}
 
 
+def terms_of(side: str) -> tuple[str, ...]:
+    """A pair's side: one analysis name ("erase5") or the gap between two ("erase5-grpo")."""
+    return tuple(side.split("-", 1)) if "-" in side else (side,)
+
+
 def parse_pairs(text: str, variants: Sequence[str]) -> list[tuple[str, str]]:
+    """`a:b` compares two variants; `a-b:c-d` compares two gaps (does a condition change what a
+    method gains? e.g. `erase5_bf16-grpo_bf16:erase5-grpo`). Both sides of a pair are one or the other."""
     from e3rl.config import ConfigError
 
     pairs = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         a, _, b = item.partition(":")
-        if not b or a not in variants or b not in variants:
-            raise ConfigError(f"--pairs: {item!r} is not variant:variant of this experiment's {list(variants)} — "
-                              "e.g. --pairs erase5:grpo")
+        names = terms_of(a) + terms_of(b) if b else ()
+        if not b or len(terms_of(a)) != len(terms_of(b)) or any(x not in variants for x in names):
+            raise ConfigError(f"--pairs: {item!r} is not variant:variant (or a-b:c-d) of this experiment's "
+                              f"{list(variants)} — e.g. --pairs erase5:grpo")
         pairs.append((a, b))
     return pairs
+
+
+def side_values(per_run: dict[str, dict[int, dict[str, Any]]], side: str, field: str) -> dict[int, Any]:
+    """{seed: value} of a pair's side: a variant's own (a list per problem, or one number per run),
+    or for a gap `x-y` the difference on the seeds both have, problem by problem."""
+    if len(terms_of(side)) == 1:
+        return {s: r[field] for s, r in per_run[side].items()}
+    x, y = (side_values(per_run, t, field) for t in terms_of(side))
+    if field == "avg":
+        return dict(zip(*paired_table(x, y)))
+    return {s: x[s] - y[s] for s in sorted(set(x) & set(y))}
 
 
 def default_pairs(variants: Sequence[str], baseline: str = "grpo", test_time_heal: bool = False) -> list[tuple[str, str]]:
@@ -323,7 +343,7 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
                           f"under {experiment or records} — run python -m e3rl.experiment first")
     names = [v + mode_suffix(m) for v in sorted(found) for m in modes]
     pairs = parse_pairs(pairs_text, names) if pairs_text else default_pairs(sorted(found), test_time_heal=test_time_heal)
-    needed = {policy_of(x) for pair in pairs for x in pair}  # evaluate only what is compared
+    needed = {policy_of(x) for pair in pairs for side in pair for x in terms_of(side)}  # evaluate only what is compared
     key = eval_key(spec, size, k)
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
     digests = set()
@@ -353,13 +373,14 @@ def run_train_study(experiment: Optional[Path], spec: str, size: int, k: int, pa
                                     "entropy_slope", "logp_diff_mean")}}
     comparisons = {}
     for a, b in pairs:
-        avg = compare_pair({s: r["avg"] for s, r in per_run[a].items()}, {s: r["avg"] for s, r in per_run[b].items()})
-        ent = compare_scalar({s: r["entropy_slope"] for s, r in per_run[a].items()},
-                             {s: r["entropy_slope"] for s, r in per_run[b].items()})
-        tok = [per_run[a][s]["tokens_generated"] / per_run[b][s]["tokens_generated"] for s in avg["seeds"]]
+        avg = compare_pair(side_values(per_run, a, "avg"), side_values(per_run, b, "avg"))
+        ent = compare_scalar(side_values(per_run, a, "entropy_slope"), side_values(per_run, b, "entropy_slope"))
+        gaps = len(terms_of(a)) > 1  # a gap has no token ratio of its own
+        tok = [] if gaps else [per_run[a][s]["tokens_generated"] / per_run[b][s]["tokens_generated"]
+                               for s in avg["seeds"]]
         comparisons[f"{a}:{b}"] = {"avg@k": avg, "entropy_slope": ent,
                                    "token_ratio": statistics.fmean(tok) if tok else None}
-        if policy_of(a) == policy_of(b):  # the same policies sampled two ways: also at equal generated tokens
+        if not gaps and policy_of(a) == policy_of(b):  # the same policies sampled two ways: also at equal generated tokens
             comparisons[f"{a}:{b}"]["equal_tokens"] = test_time_equal_tokens(per_run[a], per_run[b], k)
     return {"experiment": str(experiment) if experiment else None, "records": str(records), "data": spec,
             "size": size, "k": k, "variants": variants, "comparisons": comparisons,
@@ -383,7 +404,8 @@ def table(res: dict[str, Any]) -> str:
         mde = f", MDE {a['mde']:.3f}" if a["mde"] is not None else ""
         t = f" (t over seeds [{a['t_check']['low']:+.3f}, {a['t_check']['high']:+.3f}])" if a.get("t_check") else ""
         lines.append(f"  {pair}: avg@k {_fmt(a['difference'])}{t} over {len(a['seeds'])} seeds{mde}; "
-                     f"entropy slope {_fmt(c['entropy_slope']['difference'])}; tokens x{c['token_ratio'] or float('nan'):.3f}")
+                     f"entropy slope {_fmt(c['entropy_slope']['difference'])}"
+                     + (f"; tokens x{c['token_ratio']:.3f}" if c["token_ratio"] is not None else ""))
         for name, e in (c.get("equal_tokens") or {}).items():
             if name.startswith("pass@"):
                 lines.append(f"    at equal generated tokens, {name} of a vs b: {_fmt(e['difference'])} "
