@@ -56,10 +56,14 @@ def plot_study(res: dict[str, Any], path: Path) -> Path:
         for v in variants:
             if v.endswith(HEALED) or v not in records:
                 continue
-            series = [r["curves"][curve] for r in records[v].values() if r["curves"].get(curve)]
+            studied = res["per_run"][v]  # the seeds the study compared (`--seeds`), not every record
+            series = [r["curves"][curve] for s, r in records[v].items() if str(s) in studied and r["curves"].get(curve)]
             if series:
                 _band(ax, series, v)
         ax.set(title=title, xlabel="training step", ylabel=ylabel)
+        ys = [y for line in ax.lines for y in line.get_ydata()]
+        if curve == "logp_diff" and ys and min(ys) > 0 and max(ys) / min(ys) > 100:  # fp32 (1e-5) beside bf16 (0.1)
+            ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     for ax in axes:

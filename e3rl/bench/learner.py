@@ -3,7 +3,7 @@
 On the embedded default's real model (SmolLM2-135M, `--model default`) or a toy, one batch shaped
 like a default step (2 groups x 8 samples, ~110 tokens each, with erasures), all in one run:
 - the e3rl step (one ZeRO-3 rank with every core, as the embedded default trains) and the same on
-  `--workers` ranks, in the configured precision (`learner.dtype`, bf16 here);
+  `--workers` ranks, in `--dtype` (bf16 where the CPU has it natively: the fast path, opt-in on CPUs);
 - plain torch on the same tokens: a HF causal-LM loss + fused AdamW in fp32 and under bf16 autocast,
   and our stream step without DeepSpeed (`TorchStep`);
 - the matmul peaks (fp32, bf16) measured in the same process, achieved GFLOP/s (6 x params x tokens
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from e3rl.bench import report
-from learner.precision import learner_dtype
+from learner.precision import cpu_has_native_bf16, learner_dtype
 from e3rl.core.trajectory import SegmentTable, Trajectory, stream_position_ids
 
 BENCH_MODEL = dict(model_type="qwen3", vocab_size=8192, hidden_size=192, intermediate_size=512,
@@ -150,13 +150,13 @@ class TorchStep:
 
 
 # ------------------------------------------------------------------ the benchmark
-def _bench_config(workers: int, mbs: int, n_groups: int, group_size: int, model: str = "toy"):
+def _bench_config(workers: int, mbs: int, n_groups: int, group_size: int, model: str = "toy", dtype: str = "auto"):
     from e3rl.config import AlgoConfig, Config, GenConfig, LearnerConfig, ModelConfig, ResourcesConfig
 
     mc = (ModelConfig(path="builtin:smollm2-135m-instruct", device="cpu") if model == "default"
           else ModelConfig(path="random", random_init=BENCH_MODEL, init_std=0.05, device="cpu"))
     return Config(
-        model=mc, learner=LearnerConfig(num_workers=workers, lr=1e-5, micro_batch_size=mbs),
+        model=mc, learner=LearnerConfig(num_workers=workers, lr=1e-5, micro_batch_size=mbs, dtype=dtype),
         algo=AlgoConfig(prompts_per_step=n_groups, allocation="attention"),
         gen=GenConfig(group_size=group_size, temperature=1.0),
         resources=ResourcesConfig(cpus_per_learner=1.0),
@@ -211,6 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--block", type=int, default=2, help="consecutive calls per fn and repetition; the first is dropped")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
+                    default="bfloat16" if cpu_has_native_bf16() else "float32",
+                    help="learner.dtype of the e3rl step (default: bf16 where this CPU has it natively, the fast path)")
     args = ap.parse_args(list(argv or []))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -223,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model == "default":
         materialize_builtin("builtin:smollm2-135m-instruct")
     n = args.groups * args.group_size
-    cfg = _bench_config(args.workers, n, args.groups, args.group_size, args.model)
+    cfg = _bench_config(args.workers, n, args.groups, args.group_size, args.model, args.dtype)
     one = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_workers=1))
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
