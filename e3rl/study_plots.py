@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from e3rl.train_study import HEALED, load_records
+from e3rl.train_study import HEALED, load_records, terms_of
 
 
 def _band(ax: Any, series: Sequence[Sequence[float]], label: str) -> None:
@@ -29,6 +29,14 @@ def _band(ax: Any, series: Sequence[Sequence[float]], label: str) -> None:
     ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15)
 
 
+def plotted_variants(res: dict[str, Any]) -> list[str]:
+    """The variants the study's pairs compare (a record also holds other evaluations, e.g. at
+    another temperature), GRPO's first: one figure per question."""
+    compared = {x for pair in res["comparisons"] for side in pair.split(":") for x in terms_of(side)}
+    return sorted((v for v in res["variants"] if v in compared or not compared),
+                  key=lambda v: (not v.startswith("grpo"), v))
+
+
 def plot_study(res: dict[str, Any], path: Path) -> Path:
     """`res`: a `run_train_study` result (its per-run Avg@k; its records dir has the curves)."""
     from matplotlib.ticker import MaxNLocator
@@ -36,7 +44,7 @@ def plot_study(res: dict[str, Any], path: Path) -> Path:
     from e3rl.report import plt
 
     records = load_records(Path(res["records"]))
-    variants = sorted(res["variants"], key=lambda v: (not v.startswith("grpo"), v))  # the baseline first
+    variants = plotted_variants(res)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ax = axes[0]
     seeds = sorted({int(s) for v in variants for s in res["per_run"][v]})

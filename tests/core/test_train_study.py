@@ -226,3 +226,19 @@ def test_a_pair_of_gaps_compares_what_a_method_gains_under_two_conditions(tmp_pa
     assert c["token_ratio"] is None and "equal_tokens" not in c
     with pytest.raises(ConfigError, match="is not variant:variant \\(or a-b:c-d\\)"):
         parse_pairs("erase5-grpo:erase5", ["grpo", "erase5"])  # a gap against one variant
+
+
+def test_the_figure_draws_the_variants_the_pairs_compare(tmp_path):
+    from e3rl.study_plots import plot_study, plotted_variants
+
+    rows = [[True, False], [False, False], [True, True]]
+    for v in ("grpo", "erase5", "erase5_bf16", "grpo_bf16"):
+        for s in (0, 1, 2):
+            rec = _record(v, s, rows)
+            rec["evals"]["healed"] = rec["evals"]["plain"]  # another evaluation the pairs do not ask for
+            _write(tmp_path, rec)
+    res = run_train_study(None, "gym:chain_sum", 3, 2, "erase5_bf16-grpo_bf16:erase5-grpo", test_time_heal=True,
+                          records=tmp_path, seeds=[0, 1])
+    assert "grpo+heal" in res["variants"]
+    assert plotted_variants(res) == ["grpo", "grpo_bf16", "erase5", "erase5_bf16"]
+    assert plot_study(res, tmp_path / "f.png").stat().st_size > 0
