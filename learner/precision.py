@@ -33,8 +33,11 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(f in flags for f in _BF16_CPU_FLAGS)
 
 
+@functools.lru_cache(maxsize=None)
 def learner_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`learner.dtype` -> the compute dtype of the forward/backward (masters stay fp32)."""
+    """`learner.dtype` -> the compute dtype of the forward/backward (masters stay fp32). Cached:
+    the worker and the DeepSpeed config builder both resolve it, and the emulation warning is
+    said once per process."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
