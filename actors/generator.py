@@ -56,7 +56,7 @@ class RewindableGenerator:
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         self.eos = set(self._default_eos() if eos_token_ids is None else eos_token_ids)
         # the run's history, read-only while generating: the driver folds each training step's
-        # accepted segments in once, pooled over all generators (`UncertaintyHistory.update`)
+        # judged first attempts in once, pooled over all generators (`UncertaintyHistory.update`)
         self.history = UncertaintyHistory(decay=heal.history_decay)
         self.policy_version = 0
         self.text = TokenText(tokenizer)

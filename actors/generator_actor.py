@@ -21,12 +21,13 @@ import ray
 import torch
 
 from actors.generator import RewindableGenerator
-from actors.rollout_stats import (ACCEPTED_KEY, OUTCOMES_KEY, accepted_uncertainties, engine_stats, group_outcomes,
+from actors.rollout_stats import (FIRST_ATTEMPTS_KEY, OUTCOMES_KEY, judged_first_attempts, engine_stats, group_outcomes,
                                   rollout_stats)
 from e3rl.config import Config
 from e3rl.core.shaping import overlong_penalty
 from e3rl.core.threshold import UncertaintyHistory
 from e3rl.core.trajectory import Trajectory
+from e3rl.data import resolve_reward_thinking
 from e3rl.models import actor_threads, load_model, load_tokenizer, resolve_backend, resolve_device
 from e3rl.rewards import Scorer, score_stats
 from e3rl.tasks.base import Problem
@@ -75,6 +76,9 @@ class GeneratorWorker:
     def __init__(self, cfg: Config, seed: int = 0, threads_share: int = 1):
         threads = actor_threads(cfg.resources.torch_threads, share=threads_share)
         torch.set_num_threads(threads)
+        # the driver resolved `reward.thinking: auto` already; a config built elsewhere may not have
+        if cfg.reward.thinking == "auto":
+            cfg = resolve_reward_thinking(cfg, load_tokenizer(cfg.model))
         self.cfg = cfg
         self.generator = build_generator(cfg, seed, threads)
         self.scorer = Scorer(cfg.reward)  # worker processes, reused across steps
@@ -133,8 +137,9 @@ class GeneratorWorker:
         `seed` reseeds sampling, so a step's rollouts are a function of (run seed, step, shard):
         a regenerated shard or a resumed run samples exactly what the original would have.
         `history` is the run's threshold history (the driver owns it and sends it with every
-        call, so a restarted actor needs no state); the stats carry, under `ACCEPTED_KEY`, the U of
-        the segments this call accepted, for the driver to fold into the history once per step, and,
+        call, so a restarted actor needs no state); the stats carry, under `FIRST_ATTEMPTS_KEY`, the
+        (U, gap score) of this call's judged first attempts, for the driver to fold into the history
+        once per step, and,
         under `OUTCOMES_KEY`, each scored group's `GroupOutcome` (for dynamic sampling).
         """
         self._maybe_fail()
@@ -159,7 +164,7 @@ class GeneratorWorker:
             scored = score(trajs, problems, len(trajs) // max(len(prompts), 1), self.scorer, g.gen.max_new_tokens)
         self.batches += 1
         stats = rollout_stats(trajs, seconds, g.stats.get("peak_cache_bytes", 0)) | engine_stats(g.stats) | scored
-        return trajs, stats | {ACCEPTED_KEY: accepted_uncertainties(trajs),
+        return trajs, stats | {FIRST_ATTEMPTS_KEY: judged_first_attempts(trajs),
                                OUTCOMES_KEY: group_outcomes(trajs) if problems else []}
 
     @staticmethod

@@ -5,7 +5,7 @@ gathers the results.
   with a clear line if the cluster cannot hold it (never pending forever).
 - Sharding: whole prompt groups go to one actor (thresholds and advantages are group-relative).
 - Threshold history: the group owns the run's one history and sends it with every call; a
-  training step's accepted segments, pooled over all actors (and over all generation rounds of
+  training step's judged first attempts, pooled over all actors (and over all generation rounds of
   the step), are folded in once (`fold_history`), so N actors hold exactly what one actor that
   saw every segment would.
 - Faults: an actor that dies mid-rollout is restarted by Ray (`max_restarts`); the group reloads
@@ -24,10 +24,10 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.generator_actor import make_generator_actor
-from actors.rollout_stats import ACCEPTED_KEY, OUTCOMES_KEY, merge_stats
+from actors.rollout_stats import FIRST_ATTEMPTS_KEY, OUTCOMES_KEY, merge_stats
 from e3rl.config import Config
 from e3rl.core.dynamic_sampling import GroupOutcome
-from e3rl.core.threshold import UncertaintyHistory
+from e3rl.core.threshold import UncertaintyHistory, fold_first_attempts
 from e3rl.placement import bundles_per_node, reserve_bundles
 from e3rl.tasks.base import Problem
 
@@ -41,7 +41,7 @@ class Rollout:
     refs: list  # [ObjectRef] of trajectory lists, one per non-empty shard
     stats: dict[str, float]  # merged over shards (`gen/…`, `e3rl/…`, `reward/…`)
     outcomes: list[list[GroupOutcome]]  # per ref: its groups' outcomes, in order ([] when unscored)
-    accepted: list[float]  # U of the segments the threshold accepted, pooled over shards
+    first_attempts: list  # (U, gap score) of the judged first attempts, pooled over shards
 
     @property
     def groups(self) -> list[GroupOutcome]:
@@ -80,6 +80,7 @@ class GeneratorGroup:
         self._weights: tuple[Any, int] | None = None
         self.reload: Optional[Callable[[int], None]] = None  # set by a collective weight sync
         self.history = UncertaintyHistory(decay=cfg.heal.history_decay)
+        self.threshold_k = cfg.heal.threshold_k
         self.recovered_shards = 0
 
     def load_weights(self, weights_ref: Any, version: int, which: Optional[Sequence[int]] = None) -> None:
@@ -99,7 +100,7 @@ class GeneratorGroup:
                  group_size: Optional[int] = None, heal: Optional[bool] = None,
                  seed: Optional[int] = None) -> Rollout:
         """One fan-out and gather; every actor is handed the same history. The history is left
-        alone: a training step folds its accepted segments in with `fold_history`, once (evaluation
+        alone: a training step folds its judged first attempts in with `fold_history`, once (evaluation
         never does: held-out problems never shape training thresholds)."""
         shards = shard(len(problems), len(self.actors))
         calls = {}
@@ -121,14 +122,14 @@ class GeneratorGroup:
                     self._revive(i)
                     traj_ref, stats_ref = self._submit(i, shards[i], problems, prompts, group_ids, group_size, heal,
                                                        seed)
-        accepted = [u for s in stats for u in s.pop(ACCEPTED_KEY, [])]
+        first = [x for s in stats for x in s.pop(FIRST_ATTEMPTS_KEY, [])]
         outcomes = [s.pop(OUTCOMES_KEY, []) for s in stats]
         merged = merge_stats(stats) | {"gen/recovered_shards": float(self.recovered_shards)}
-        return Rollout(refs, merged, outcomes, accepted)
+        return Rollout(refs, merged, outcomes, first)
 
-    def fold_history(self, accepted: Sequence[float]) -> None:
-        """One EMA step of the threshold history with a training step's accepted segments."""
-        self.history = self.history.update(accepted)
+    def fold_history(self, first_attempts: Sequence[tuple[float, float]]) -> None:
+        """One EMA step of the threshold history with a training step's judged first attempts."""
+        self.history = fold_first_attempts(self.history, first_attempts, self.threshold_k)
 
     def _revive(self, i: int, timeout_s: float = 300.0) -> None:
         """Wait until Ray has restarted actor i, then give it the current weights: the state the

@@ -25,7 +25,8 @@ import torch
 from actors.rows import Attempt, OpenSegment, Row, Stream
 from e3rl.config import GenConfig, HealConfig
 from e3rl.core.segments import SegmentSpec, StreamSegmenter
-from e3rl.core.threshold import ThresholdParams, UncertaintyHistory, segment_threshold, should_erase
+from e3rl.core.threshold import (ThresholdParams, UncertaintyHistory, gap_score, segment_reference, should_erase,
+                                 threshold_from)
 from e3rl.core.trajectory import SegmentTable, Trajectory
 from e3rl.core.uncertainty import UncertaintyWeights, segment_uncertainty
 
@@ -78,7 +79,8 @@ class _Close:
     end: int
     frozen: bool  # may not be erased: the stream cap is reached
     u: float = float("nan")
-    tau: float = float("inf")
+    tau: float = float("nan")  # nan: not judged; inf: judged without a reference (never erased)
+    score: float = float("nan")  # gap score against the reference (nan: none)
 
 
 class HealingPolicy:
@@ -98,7 +100,8 @@ class HealingPolicy:
                                       heal.history_weight, heal.min_peers, heal.spread_prior)
         self.needs_text = heal.segment_mode == "delimiter" or bool(gen.stop)
         self._stop_tail = max((len(s) for s in gen.stop), default=0)
-        self._peers: dict = defaultdict(dict)  # (group, position) -> {sample: U of its kept segment}
+        self._peers: dict = defaultdict(dict)  # (group, position) -> {sample: U of its judged first attempt}
+        self._cut = history.cut_for(self.params.k)
 
     def rows(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int],
              prompt_uids: Optional[Sequence[str]] = None) -> list:
@@ -160,7 +163,7 @@ class HealingPolicy:
     def _keep(self, c: _Close, final: bool) -> Optional[int]:
         """Record a kept attempt and move to the next position. -> the start of a carried segment, or None."""
         r, led = c.row, c.row.ledger
-        led.attempts.append(Attempt(led.position, c.start, c.end, c.u, c.tau, led.segment_erases, False))
+        led.attempts.append(Attempt(led.position, c.start, c.end, c.u, c.tau, c.score, led.segment_erases, False))
         led.prev_mean = sum(r.stream.surprisal[c.start : c.end]) / (c.end - c.start)
         led.position, led.segment_erases = led.position + 1, 0
         if final:
@@ -175,7 +178,7 @@ class HealingPolicy:
     def _erase(self, c: _Close) -> Rewind:
         """Erase [start, stream end) of a row (a carry too): the row resumes at the segment start."""
         r, led = c.row, c.row.ledger
-        led.attempts.append(Attempt(led.position, c.start, len(r.stream), c.u, c.tau, led.segment_erases, True))
+        led.attempts.append(Attempt(led.position, c.start, len(r.stream), c.u, c.tau, c.score, led.segment_erases, True))
         r.stream.erase(c.start)
         led.segment_erases += 1
         led.traj_erases += 1
@@ -186,25 +189,33 @@ class HealingPolicy:
         return Rewind(c.start, r.stream.positions[c.start])
 
     def _judge(self, closes: list) -> list:
-        """Composite U; threshold from the other samples of the group at the same position (kept
-        earlier or closing now); budgeted decision. A segment that may not be erased (stream cap,
-        start not resumable) is not judged: its threshold stays inf."""
+        """Composite U; threshold from the other samples of the group at the same position; budgeted
+        decision. A segment that may not be erased (stream cap, start not resumable) is not judged:
+        its threshold stays nan.
+
+        Peers are the *first* attempts of the other samples at that position (closed earlier or
+        closing now), kept or erased: their U was measured before any decision, so they are an
+        uncensored sample of the position. Regenerations are judged against peers but never are one.
+        """
         for c in closes:
             s = torch.tensor(c.row.stream.surprisal[c.start : c.end])
             c.u = segment_uncertainty(s, c.row.ledger.prev_mean, self.weights)
         if not self.active:
             return [False] * len(closes)
+        judged = [c for c in closes if not c.frozen and c.row.open.resumable]
         now = defaultdict(dict)
-        for c in closes:
-            now[(c.row.group, c.row.ledger.position)][c.row.sample] = c.u
-        for c in closes:
-            if c.frozen or not c.row.open.resumable:
-                continue
+        for c in judged:
+            if c.row.ledger.segment_erases == 0:
+                now[(c.row.group, c.row.ledger.position)][c.row.sample] = c.u
+        for c in judged:
             key = (c.row.group, c.row.ledger.position)
             peers = {**self._peers[key], **now[key]}
-            peers.pop(c.row.sample)
-            c.tau = segment_threshold(torch.tensor(list(peers.values())), c.row.ledger.segment_erases,
-                                      self.history, self.params)
+            peers.pop(c.row.sample, None)
+            ref = segment_reference(list(peers.values()), self.history, self.params)
+            c.tau = threshold_from(ref, c.row.ledger.segment_erases, self._cut, self.params)
+            c.score = gap_score(c.u, ref)
+        for key, first in now.items():
+            self._peers[key].update(first)
         u, tau = torch.tensor([c.u for c in closes]), torch.tensor([c.tau for c in closes])
         if self.force_erase is not None:
             u = torch.tensor([float(bool(self.force_erase(c.row, c.row.ledger.position))) for c in closes])
@@ -213,11 +224,7 @@ class HealingPolicy:
                              torch.tensor([c.row.ledger.segment_erases for c in closes]),
                              torch.tensor([c.row.ledger.traj_erases for c in closes]),
                              self.heal.max_erases_per_segment, self.heal.max_erases_per_traj).tolist()
-        erase = [e and not c.frozen and c.row.open.resumable for e, c in zip(erase, closes)]
-        for c, e in zip(closes, erase):
-            if not e:
-                self._peers[(c.row.group, c.row.ledger.position)][c.row.sample] = c.u
-        return erase
+        return [e and not c.frozen and c.row.open.resumable for e, c in zip(erase, closes)]
 
     def _capped(self, r: Row) -> bool:
         return len(r.stream) >= self.stream_cap
@@ -244,6 +251,7 @@ class HealingPolicy:
             end=torch.tensor([x.end for x in a], dtype=torch.long),
             uncertainty=torch.tensor([x.uncertainty for x in a], dtype=torch.float32),
             threshold=torch.tensor([x.threshold for x in a], dtype=torch.float32),
+            score=torch.tensor([x.score for x in a], dtype=torch.float32),
             erase_count=torch.tensor([x.erase_count for x in a], dtype=torch.long),
             erased=torch.tensor([x.erased for x in a], dtype=torch.bool))
         return Trajectory(

@@ -7,14 +7,15 @@ from collections import Counter
 from typing import Sequence
 
 from e3rl.core.dynamic_sampling import GroupOutcome
-from e3rl.core.threshold import accepted_mask
+from e3rl.core.threshold import first_attempt_mask
 from e3rl.core.trajectory import Trajectory
 
 # segment means and the count each is taken over (merged weighted by it; plotted only where it is > 0)
 MEAN_COUNTS = {"e3rl/u_kept_mean": "e3rl/segments_kept", "e3rl/u_erased_mean": "e3rl/segments_erased",
-                "e3rl/threshold_mean": "e3rl/segments_judged"}
+               "e3rl/threshold_mean": "e3rl/segments_judged", "e3rl/first_erase_rate": "e3rl/first_attempts"}
 _SUMMED = ("gen/samples", "gen/tokens_produced", "gen/tokens_kept", "gen/forward_tokens", "e3rl/compactions",
-           "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged", "reward/timeouts", "reward/errors",
+           "e3rl/segments_kept", "e3rl/segments_erased", "e3rl/segments_judged", "e3rl/first_attempts",
+           "reward/timeouts", "reward/errors",
            "gen/rewind_requests", "gen/rewind_recomputed_tokens", "gen/prefix_tokens", "gen/prefix_cached_tokens",
            "gen/engine_requests")
 _MAXED = ("gen/seconds", "gen/peak_kv_bytes")
@@ -60,7 +61,7 @@ def rollout_stats(trajs: Sequence[Trajectory], seconds: float, peak_kv_bytes: in
     }
     for reason, c in Counter(t.finish_reason for t in trajs).items():
         out[f"gen/finish_{reason}"] = c / n
-    return out | segment_stats(trajs)
+    return out | segment_stats(trajs) | first_attempt_erase_rate(trajs)
 
 
 ENGINE_KEYS = {"requests": "gen/engine_requests", "rewind_requests": "gen/rewind_requests",
@@ -122,17 +123,35 @@ def merge_rounds(rounds: Sequence[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-ACCEPTED_KEY = "accepted_uncertainty"
-"""Stats key of the accepted segments' U (a list, not a metric): the driver pops it to update the
-threshold history once per training step, pooled over all generators."""
+FIRST_ATTEMPTS_KEY = "judged_first_attempts"
+"""Stats key of the judged first attempts' (U, gap score) pairs (a list, not a metric): the driver
+pops it to fold the threshold history once per training step, pooled over all generators."""
 
 
-def accepted_uncertainties(trajs: Sequence[Trajectory]) -> list[float]:
-    """U of every segment the threshold accepted (`accepted_mask`), in trajectory order."""
-    out: list[float] = []
+def judged_first_attempts(trajs: Sequence[Trajectory]) -> list[tuple[float, float]]:
+    """(U, gap score) of every judged first attempt, kept or erased (`first_attempt_mask`; the score
+    is nan without a reference), in trajectory order."""
+    out: list[tuple[float, float]] = []
     for t in trajs:
         s = t.segments
-        out += s.uncertainty[accepted_mask(s.uncertainty, s.threshold, s.erased)].tolist()
+        m = first_attempt_mask(s.threshold, s.erase_count)
+        out += list(zip(s.uncertainty[m].tolist(), s.score[m].tolist()))
+    return out
+
+
+def first_attempt_erase_rate(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    """`e3rl/first_erase_rate`: the fraction of first attempts judged against a reference (finite
+    tau) that were erased (the rate 1 - Phi(heal.threshold_k) promises), with their count
+    `e3rl/first_attempts`."""
+    judged = erased = 0
+    for t in trajs:
+        s = t.segments
+        m = first_attempt_mask(s.threshold, s.erase_count) & s.threshold.isfinite()
+        judged += int(m.sum())
+        erased += int((m & s.erased).sum())
+    out = {"e3rl/first_attempts": float(judged)}
+    if judged:
+        out["e3rl/first_erase_rate"] = erased / judged
     return out
 
 

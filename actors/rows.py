@@ -23,7 +23,8 @@ class Attempt:
     start: int  # first stream index (inclusive)
     end: int  # last stream index (exclusive)
     uncertainty: float  # composite U
-    threshold: float  # tau it was compared with (inf: not judged)
+    threshold: float  # tau it was compared with (inf: judged without a reference; nan: not judged)
+    score: float  # gap score of U against its reference (nan: not judged)
     erase_count: int  # erasures of position n before this attempt
     erased: bool
 

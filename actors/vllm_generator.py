@@ -3,8 +3,10 @@
 vLLM's prefix cache is a KV cache that can be rewound. Each round sends one request per unfinished
 row — its prompt and kept stream, `max_tokens` up to the open segment's boundary — and pushes the
 returned tokens through the same `HealingPolicy` the HF backend uses, token by token across rows,
-so segments that close together are judged together (in fixed mode every row of a round closes
-its segment at once: all G peers of a position are known when it is judged). A kept segment
+so segments that close together are judged together (in fixed mode, until a row of the group first
+erases, every row closes the same position in the same round and all G peers of it are known when
+it is judged; a rewound row then trails by a position and is judged against the first attempts that
+closed before it, as in the HF loop). A kept segment
 extends the next request's prefix; an erased one resubmits the same prefix with a new seed: its
 KV blocks are found in the cache and only the last partial block is recomputed. Erased blocks are
 never referenced again and are evicted. With healing off, each row is one request to its end.

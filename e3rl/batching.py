@@ -57,7 +57,7 @@ class Batch:
     refs: list  # [ObjectRef] of trajectory lists holding exactly the trained groups
     trained_samples: int
     generated_samples: int  # every round's samples, dropped groups included
-    accepted: list[float]  # U of accepted segments of every round, folded into the history once
+    first_attempts: list  # (U, gap score) of every round's judged first attempts, folded into the history once
     metrics: dict[str, float]  # gen/… and reward/… over all rounds; dynamic/… when enabled
 
 
@@ -74,17 +74,17 @@ def collect_batch(generators: Any, next_batch: NextBatch, step: int, step_seed: 
         if not sampling.enabled or informative_groups(_outcomes(rounds)) >= sampling.groups:
             break
     stats = merge_rounds([ro.stats for ro in rounds])
-    accepted = [u for ro in rounds for u in ro.accepted]
+    first = [x for ro in rounds for x in ro.first_attempts]
     generated = int(stats["gen/samples"])
     if not sampling.enabled:
-        return Batch(rounds[0].refs, generated, generated, accepted, stats)
+        return Batch(rounds[0].refs, generated, generated, first, stats)
     sel = select_groups(_outcomes(rounds), sampling.groups)
     if sel.fallback:
         _warn_fallback(step, sel, len(rounds), sampling, stats.get("reward/accuracy", float("nan")))
     metrics = stats | {"dynamic/rounds": float(len(rounds)), "dynamic/kept_groups": float(sel.kept),
                        "dynamic/dropped_groups": float(sel.dropped), "dynamic/discarded_groups": float(sel.discarded),
                        "dynamic/fallback_groups": float(sel.fallback), "dynamic/trained_samples": float(sel.samples)}
-    return Batch(_trained_refs(rounds, set(sel.train)), sel.samples, generated, accepted, metrics)
+    return Batch(_trained_refs(rounds, set(sel.train)), sel.samples, generated, first, metrics)
 
 
 def _outcomes(rounds: list[Any]) -> list:

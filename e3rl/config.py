@@ -5,6 +5,7 @@ so an override can never disagree with a value copied elsewhere.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -103,6 +104,14 @@ class RewardConfig:
     kept tokens loses reward linearly, reaching -overlong_penalty at max_new_tokens. 0 = off."""
     overlong_penalty: float = 1.0
     """Size of the overlong punishment at max_new_tokens (verl's `penalty_factor`)."""
+    require_box: bool = True
+    """Count only a committed answer, the last complete `\\boxed{}` (or a gym task's `<answer>` tag),
+    as published math accuracies do. `false` lets a box-free response answer with its last number:
+    an opt-in for small models that ignore the format (it also scores text cut off mid-thought)."""
+    thinking: Literal["auto", "on", "off"] = "auto"
+    """`on`: score only the text after the model's closing `</think>` (no `</think>`: scores 0).
+    `auto`: on when the chat template has a thinking block the prompt leaves open (Qwen3 with
+    thinking on), resolved once by the driver."""
 
 
 @dataclass(frozen=True)
@@ -175,15 +184,16 @@ class HealConfig:
     w_delta: float = 0.5
     """Weight of the relative rise of mean surprisal over the previous segment."""
     threshold_k: float = 1.0
-    """tau = mean + k * std of the segment's uncertainty across the group."""
+    """Nominal first-attempt erase rate 1 - Phi(k) (0.159 at k = 1): tau = center + t(k*) * spread over
+    the group and the history, where the run calibrates k* so that rate holds (docs/method.md §4)."""
     penalty_scale: float = 0.5
     """Erase penalty: tau += scale * spread * (base ** erases - 1)."""
     penalty_base: float = 2.0
     """Exponential growth of the erase penalty with the segment's erase count (> 1)."""
     history_weight: float = 0.5
-    """Blend of the run-history threshold (EMA of accepted segments) into the group threshold."""
+    """Blend of the run-history threshold (EMA of judged first attempts) into the group threshold."""
     history_decay: float = 0.95
-    """EMA decay of the accepted-segment uncertainty history, per training step."""
+    """EMA decay of the threshold history (judged first attempts), per training step."""
     min_peers: int = 2
     """Group samples (the judged one included) needed to trust group statistics; fewer -> history only."""
     spread_prior: float = 8.0
@@ -680,9 +690,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+EMBEDDED_DEFAULT: dict = {"reward": {"require_box": False}}
+"""Where the embedded default (`python -m e3rl.run` with no file, = configs/default.yaml) differs from
+the field defaults, which are what every config file starts from: its SmolLM2-135M never writes a
+`\\boxed{}` answer, so it opts in to the last-number fallback (`reward.require_box`)."""
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load YAML (or the built-in default), apply `key.sub=value` overrides, validate."""
-    tree: dict = {}
+    """Load YAML (or the embedded default), apply `key.sub=value` overrides, validate."""
+    tree: dict = copy.deepcopy(EMBEDDED_DEFAULT) if path is None else {}
     if path is not None:
         p = Path(path)
         _check(p.is_file(), "config", f"file {str(p)!r} does not exist", "pass a path such as configs/default.yaml")

@@ -94,3 +94,27 @@ def encode_prompts(cfg: Config, problems: list[Problem], tokenizer: Any) -> list
         text = build_prompt(p, tokenizer, instruction_for(cfg, p), cfg.data.system_prompt or None)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
+
+
+def prompt_leaves_thinking_open(cfg: Config, tokenizer: Any) -> bool:
+    """Whether this run's prompts leave the model to think and close it with `</think>` (True), or
+    do not (False: no thinking in the chat template, or the generation prompt already closes an
+    empty thinking block, as Qwen3's does with thinking off). What `reward.thinking: auto` means."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "</think>" not in template:
+        return False
+    probe = Problem(uid="probe", prompt="What is 1 + 1?", answer="2", source="probe")
+    text = build_prompt(probe, tokenizer, instruction_for(cfg, probe), cfg.data.system_prompt or None)
+    return not text.rstrip().endswith("</think>")
+
+
+def resolve_reward_thinking(cfg: Config, tokenizer: Any) -> Config:
+    """The config with `reward.thinking: auto` made concrete from the chat template (on when the
+    prompts leave the model to think). The driver resolves it once, so the run dir records what
+    was scored; a generator actor handed an unresolved config resolves it the same way."""
+    if cfg.reward.thinking != "auto":
+        return cfg
+    import dataclasses
+
+    on = prompt_leaves_thinking_open(cfg, tokenizer)
+    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, thinking="on" if on else "off"))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from e3rl.config import Config, ConfigError, load_config
-from e3rl.data import EVAL_SEED_OFFSET, encode_prompts, load_source
+from e3rl.data import EVAL_SEED_OFFSET, encode_prompts, load_source, resolve_reward_thinking
 from e3rl.evaluation import EvalSet, default_ks, evaluate
 from e3rl.rundir import write_result
 
@@ -97,6 +97,8 @@ def build_config(a: argparse.Namespace) -> Config:
         pinned = [f"model.path={json.dumps(str(model))}", "model.tokenizer=", "model.gguf_file="]
     if config is not None and not Path(config).is_file():
         _fail("--config", f"file {config!r} does not exist", "pass a YAML such as configs/tiny.yaml")
+    if config is None and a.model:  # a user's model outside a run: score committed (boxed) answers only
+        pinned.append("reward.require_box=true")
     # evaluation trains nothing, so behaviour log-probs are never used: with the learner's recompute
     # declared, eval decoding (e.g. T = 0.6, top-p 0.95) is valid on either backend
     return load_config(config, ["algo.behaviour_logp=recompute"] + pinned + list(a.overrides))
@@ -133,7 +135,8 @@ def prepare_model(cfg: Config) -> tuple[Config, Any]:
     if cfg.model.path.startswith("builtin:"):
         materialize_builtin(cfg.model.path)
     prepare_backend(cfg)
-    return cfg, load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    return resolve_reward_thinking(cfg, tokenizer), tokenizer
 
 
 @contextlib.contextmanager

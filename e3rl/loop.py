@@ -81,7 +81,7 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
         t = PhaseTimer()
         batch = collect_batch(roles.generators, hooks.next_batch, state.step, seed * 100_003 + state.step,
                               sampling, timer=t)  # the "data" and "generate" phases, each round
-        roles.generators.fold_history(batch.accepted)
+        roles.generators.fold_history(batch.first_attempts)
         with t("buffer"):
             ray.get(roles.buffer.put.remote(batch.refs, state.version, batch.trained_samples))
             item = ray.get(roles.buffer.get.remote(state.version))

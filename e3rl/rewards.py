@@ -2,6 +2,12 @@
 reasoning-gym, a format reward, user plug-ins, and `Scorer`, which scores in worker processes
 with a hard per-response time limit.
 
+Only a committed answer counts: the last complete `\\boxed{}` (`reward.require_box`, on by
+default; the last-number fallback is an opt-in for small models that ignore the format), and,
+for a model that thinks (`reward.thinking`), only in the text after its closing `</think>`: a box
+written while thinking is a draft, and a response cut off before it stopped thinking scores 0.
+This is what published, box-based accuracies count.
+
 A response is *correct* only with full credit from its verifier; the training reward is 1/0 for
 that, plus optional shaping (`reward.format_weight`, `reward.partial_weight`) that is never
 counted as correct, so evaluation (`Trajectory.correct`) cannot be inflated by shaping.
@@ -100,7 +106,7 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-def math_reward(response: str, gold: str, *, require_box: bool = False) -> float:
+def math_reward(response: str, gold: str, *, require_box: bool = True) -> float:
     """1.0 if the response's final answer equals the gold answer mathematically, else 0.0.
 
     Gold goes first to `verify` (it is not symmetric). Answers that do not parse, or are too big
@@ -123,12 +129,24 @@ def format_reward(response: str) -> float:
     return float(count_boxed(response) == 1 and bool(last_boxed(response)))
 
 
-def problem_reward(response: str, problem: Problem) -> float:
+THINK_END = "</think>"
+
+
+def committed_text(response: str, thinking: bool) -> str | None:
+    """The part of a response a verdict reads: all of it, or for a model that thinks, the text after
+    its last `</think>` (None when it never closed its thinking: it committed to nothing)."""
+    if not thinking:
+        return response
+    _, end, after = response.rpartition(THINK_END)
+    return after if end else None
+
+
+def problem_reward(response: str, problem: Problem, require_box: bool = True) -> float:
     """The default correctness, 1.0 or 0.0: full credit from the task's own scorer for
     reasoning-gym problems (`gym_verdict`), math-verify otherwise."""
     if is_gym(problem):
-        return score_gym(problem, response)
-    return math_reward(response, problem.answer)
+        return score_gym(problem, response, require_box)
+    return math_reward(response, problem.answer, require_box=require_box)
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -180,20 +198,28 @@ def score_response(cfg: RewardConfig, response: str, problem: Problem) -> Score:
 
     Correct: full credit from the gym task's scorer, a math-verify match, or a user reward >= 1.0.
     The base reward is 1/0 for the built-ins and the user reward's own value (it may be graded).
-    Shaping adds `format_weight * format_reward` and, for gym tasks, `partial_weight *` the
-    scorer's credit of a wrong answer (below 1).
+    The built-ins and the format reward read only the committed text (`committed_text`; a user
+    reward gets the whole response). Shaping adds `format_weight * format_reward` and, for gym
+    tasks, `partial_weight *` the scorer's credit of a wrong answer (below 1).
     """
+    if cfg.thinking == "auto":
+        raise ValueError("reward.thinking is 'auto': the driver resolves it from the chat template "
+                         "(e3rl.data.resolve_reward_thinking) before scoring")
     partial = 0.0
-    if cfg.fn == "auto" and is_gym(problem):
-        correct, credit = gym_verdict(problem, response)
-        base, partial = float(correct), (0.0 if correct or credit >= 1.0 else credit)
-    elif cfg.fn in ("auto", "math_verify"):
-        base = math_reward(response, problem.answer)
-        correct = base == 1.0
-    else:
+    text = committed_text(response, cfg.thinking == "on")
+    if cfg.fn not in ("auto", "math_verify"):
         base = float(_user_reward_fn(cfg.fn)(response, problem))
         correct = base >= 1.0
-    reward = base + cfg.format_weight * format_reward(response) + cfg.partial_weight * partial
+    elif text is None:
+        base, correct = 0.0, False
+    elif cfg.fn == "auto" and is_gym(problem):
+        correct, credit = gym_verdict(problem, text, cfg.require_box)
+        base, partial = float(correct), (0.0 if correct or credit >= 1.0 else credit)
+    else:
+        base = math_reward(text, problem.answer, require_box=cfg.require_box)
+        correct = base == 1.0
+    shaped = format_reward(text) if text is not None else 0.0
+    reward = base + cfg.format_weight * shaped + cfg.partial_weight * partial
     if not math.isfinite(reward):
         raise ValueError(f"reward {reward} for problem {problem.uid} is not finite")
     return Score(reward, correct)

@@ -16,7 +16,7 @@ from e3rl.config import Config
 from e3rl.core.dynamic_sampling import round_group_ids
 from e3rl.core.passk import flatten
 from e3rl.core.threshold import UncertaintyHistory
-from e3rl.data import encode_prompts, load_workload
+from e3rl.data import encode_prompts, load_workload, resolve_reward_thinking
 from e3rl.evaluation import EvalSet, evaluate, headline
 from e3rl.loop import Hooks, LoopState, Roles, budget_spent, train
 from e3rl.metrics import MetricsLogger, read_metrics
@@ -68,6 +68,7 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     prepare_backend(cfg)
     check_reward_fn(cfg.reward.fn)
     tokenizer = load_tokenizer(cfg.model)
+    cfg = resolve_reward_thinking(cfg, tokenizer)
     work = load_workload(cfg, tokenizer)
     log.info("data: %s", {k: asdict(v) for k, v in work.stats.items()})
     eval_sets = [EvalSet(name, probs, encode_prompts(cfg, probs, tokenizer)) for name, probs in work.evals.items()]

@@ -61,6 +61,7 @@ def build_trajectory(prompt_ids: torch.Tensor, attempts: Sequence[tuple[int, tor
     segs = SegmentTable(
         position=torch.tensor([a[0] for a in attempts]), start=torch.tensor(starts), end=torch.tensor(ends),
         uncertainty=torch.tensor(list(uncertainty), dtype=torch.float32), threshold=torch.full((r,), float("inf")),
+        score=torch.full((r,), float("nan")),
         erase_count=torch.tensor(counts), erased=torch.tensor([a[2] for a in attempts]),
     )
     return Trajectory(

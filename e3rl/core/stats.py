@@ -111,6 +111,58 @@ def t_quantile_at_normal(k: float, df: float) -> float:
     return math.copysign(0.5 * (lo + hi), k)
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta (modified Lentz), for x < (a+1)/(a+b+2)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for Student's t with `df` > 0 degrees of freedom, to ~1e-14 relative, tails included
+    (0.5 * I_x(df/2, 1/2) at x = df / (df + t^2), the regularised incomplete beta)."""
+    if df <= 0:
+        raise ValueError(f"t_upper_tail: df must be > 0, got {df}")
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0 if t > 0 else 1.0
+    a, b = df / 2.0, 0.5
+    x = df / (df + t * t)
+    if x >= 1.0:
+        return 0.5
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        ibeta = math.exp(log_front) * _betacf(a, b, x) / a
+    else:
+        ibeta = 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+    half = 0.5 * ibeta  # P(T > |t|)
+    return half if t >= 0 else 1.0 - half
+
+
+def normal_score_of_t(t: float, df: float) -> float:
+    """The standard-normal score with the same upper tail as t under Student's t with `df` degrees
+    of freedom (inf: t itself): Phi^-1(T_df(t)). Scores of different df share one scale, so one
+    calibrated cut on them means the same erase rate whatever the number of peers."""
+    if math.isinf(df) or math.isnan(t) or t == 0:
+        return t
+    tail = t_upper_tail(abs(t), df)
+    score = -NormalDist().inv_cdf(tail) if tail > 0.0 else math.inf
+    return math.copysign(score, t)
+
+
 def t_mean_ci(values: Sequence[float], level: float = 0.95) -> Interval:
     """Mean of a few independent units (e.g. one paired difference per training seed) with the
     Student-t interval, mean +- t_{n-1} * sd / sqrt(n). The check beside the crossed bootstrap:

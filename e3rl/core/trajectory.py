@@ -16,6 +16,7 @@ predecessor: the original first token of the erased segment and its replacement.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, fields
 
 import pyarrow as pa
@@ -32,7 +33,8 @@ class SegmentTable:
     start: torch.Tensor  # [R] long: first stream index (inclusive)
     end: torch.Tensor  # [R] long: last stream index (exclusive)
     uncertainty: torch.Tensor  # [R] float: composite U (nan if never judged)
-    threshold: torch.Tensor  # [R] float: tau it was compared with (inf if no reference)
+    threshold: torch.Tensor  # [R] float: tau it was compared with (inf: no reference; nan: not judged)
+    score: torch.Tensor  # [R] float: gap score of U against its reference (nan if not judged)
     erase_count: torch.Tensor  # [R] long: erasures of position n before this attempt
     erased: torch.Tensor  # [R] bool
 
@@ -42,7 +44,7 @@ class SegmentTable:
     @staticmethod
     def empty() -> "SegmentTable":
         z = torch.zeros(0, dtype=torch.long)
-        return SegmentTable(z, z, z, torch.zeros(0), torch.zeros(0), z, torch.zeros(0, dtype=torch.bool))
+        return SegmentTable(z, z, z, torch.zeros(0), torch.zeros(0), torch.zeros(0), z, torch.zeros(0, dtype=torch.bool))
 
 
 @dataclass
@@ -133,6 +135,7 @@ _SEGMENT_STRUCT = pa.struct(
         ("end", pa.int32()),
         ("uncertainty", pa.float32()),
         ("threshold", pa.float32()),
+        ("score", pa.float32()),
         ("erase_count", pa.int32()),
         ("erased", pa.bool_()),
     ]
@@ -194,7 +197,7 @@ def from_record_batch(batch: pa.RecordBatch) -> list[Trajectory]:
     for row in rows:
         segs = row.pop("segments")
         table = SegmentTable(**{
-            name: torch.tensor([s[name] for s in segs], dtype=dt) for name, dt in _SEG_DTYPES.items()
+            name: torch.tensor([s.get(name, math.nan) for s in segs], dtype=dt) for name, dt in _SEG_DTYPES.items()
         })
         kwargs = {k: (torch.tensor(v, dtype=_TENSOR_COLS[k]) if k in _TENSOR_COLS else v) for k, v in row.items()}
         out.append(Trajectory(segments=table, **kwargs))

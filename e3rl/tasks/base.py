@@ -91,12 +91,13 @@ def last_boxed(text: str) -> str | None:
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
-def extract_answer(response: str, require_box: bool = False) -> str | None:
+def extract_answer(response: str, require_box: bool = True) -> str | None:
     """The answer a response commits to: the last complete `\\boxed{}`.
 
-    Without a box, the last number in the text (commas as thousands separators, `a/b` kept),
-    unless `require_box`. The fallback gives small models that ignore the box instruction a
-    learning signal; pair it with `format_reward`, or set `require_box`, to demand the format.
+    With `require_box` off, a response without a box answers with its last number (commas as
+    thousands separators, `a/b` kept). That fallback is an opt-in for small models that ignore the
+    box instruction: it also scores a response cut off mid-thought ("... we have x = 2 and next we
+    should check whether the" answers 2), so accuracies under it are not comparable with box-based ones.
     """
     boxed = last_boxed(response)
     if boxed is not None or require_box:

@@ -65,16 +65,17 @@ def is_gym(problem: Problem) -> bool:
     return "rg_task" in problem.meta
 
 
-def extract_gym_answer(response: str) -> str | None:
-    """The last `\\boxed{}` content, else the last `<answer>...</answer>` (gym's own convention),
-    else the last number in the text (the same fallback as `extract_answer`)."""
+def extract_gym_answer(response: str, require_box: bool = True) -> str | None:
+    """The last `\\boxed{}` content, else the last `<answer>...</answer>` (gym's own convention: a
+    committed answer too), else, only with `require_box` off, the last number in the text (the
+    same opt-in fallback as `extract_answer`)."""
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed
     tags = _ANSWER_TAG.findall(response)
     if tags:
         return tags[-1].strip()
-    return extract_answer(response)
+    return extract_answer(response, require_box)
 
 
 def plain_number(text: str) -> Decimal | None:
@@ -88,7 +89,7 @@ def plain_number(text: str) -> Decimal | None:
         return None
 
 
-def gym_verdict(problem: Problem, response: str) -> tuple[bool, float]:
+def gym_verdict(problem: Problem, response: str, require_box: bool = True) -> tuple[bool, float]:
     """(correct, the scorer's credit in [0, 1]) for a response.
 
     Correct iff the task's scorer gives full credit. When the gold is a plain number the answer
@@ -97,7 +98,7 @@ def gym_verdict(problem: Problem, response: str) -> tuple[bool, float]:
     decimal_arithmetic's) on the gold's side of zero (gsm_symbolic's reads the first number, sign
     dropped: it gives `-288` and `288 1` full credit for 288).
     """
-    answer = extract_gym_answer(response)
+    answer = extract_gym_answer(response, require_box)
     if answer is None:
         return False, 0.0
     credit = min(max(_scorer_credit(problem, answer), 0.0), 1.0)
@@ -114,9 +115,9 @@ def _sign(x: Decimal) -> int:
     return (x > 0) - (x < 0)
 
 
-def score_gym(problem: Problem, response: str) -> float:
+def score_gym(problem: Problem, response: str, require_box: bool = True) -> float:
     """1.0 if the task's scorer gives the response full credit (see `gym_verdict`), else 0.0."""
-    return float(gym_verdict(problem, response)[0])
+    return float(gym_verdict(problem, response, require_box)[0])
 
 
 def _scorer_credit(problem: Problem, answer: str) -> float:

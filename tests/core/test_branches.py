@@ -14,7 +14,7 @@ def _traj() -> Trajectory:
     erased_at = torch.tensor([NEVER, NEVER, 4, 4, 6, 6, NEVER, NEVER, 9])
     segs = SegmentTable(position=torch.tensor([0, 1, 1, 1, 2]), start=torch.tensor([0, 2, 4, 6, 8]),
                         end=torch.tensor([2, 4, 6, 8, 9]), uncertainty=torch.tensor([0.1, 0.9, 0.8, 0.2, 0.7]),
-                        threshold=torch.tensor([0.5, 0.5, 0.6, 0.7, 0.5]),
+                        threshold=torch.tensor([0.5, 0.5, 0.6, 0.7, 0.5]), score=torch.tensor([-1.0, 1.5, 0.9, 0.2, 1.1]),
                         erase_count=torch.tensor([0, 0, 1, 2, 0]), erased=torch.tensor([False, True, True, False, True]))
     return Trajectory(prompt_ids=torch.tensor([1, 2, 3]), stream_ids=stream, behavior_logp=torch.zeros(9),
                       surprisal=torch.zeros(9), erased_at=erased_at, position_ids=stream_position_ids(3, erased_at),

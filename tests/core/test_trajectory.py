@@ -12,6 +12,7 @@ def _traj(reward=1.0):
     segs = SegmentTable(
         position=torch.tensor([0, 1, 1, 2, 2]), start=torch.tensor([0, 2, 5, 7, 8]), end=torch.tensor([2, 5, 7, 8, 10]),
         uncertainty=torch.tensor([1.0, 9.0, 2.0, 8.0, float("nan")]), threshold=torch.tensor([3.0, 3.0, 4.0, 3.0, float("inf")]),
+        score=torch.tensor([-1.2, 2.5, 0.4, 1.9, float("nan")]),
         erase_count=torch.tensor([0, 0, 1, 0, 1]), erased=torch.tensor([False, True, False, True, False]))
     return Trajectory(prompt_ids=torch.tensor([5, 6, 7]), stream_ids=torch.arange(10, 20),
                       behavior_logp=torch.linspace(-2, -0.1, 10), surprisal=torch.linspace(0.1, 2, 10),
@@ -51,6 +52,7 @@ def test_arrow_ipc_round_trip_is_exact():
         assert torch.equal(getattr(back.segments, name), getattr(t.segments, name)), name
     assert torch.allclose(back.segments.uncertainty, t.segments.uncertainty, equal_nan=True)
     assert torch.equal(back.segments.threshold, t.segments.threshold)
+    assert torch.allclose(back.segments.score, t.segments.score, equal_nan=True)
     assert (back.reward, back.group_id, back.policy_version, back.prompt_uid, back.rewinds) == (1.0, 4, 7, "gym:chain_sum:3", 2)
     assert back.token_segment().tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 4, 4]
     assert back.kept_ids.tolist() == [10, 11, 15, 16, 18, 19]

@@ -5,13 +5,15 @@ incomplete beta), never from e3rl code.
 """
 import math
 import random
+from statistics import NormalDist
 
 import pytest
 import torch
 
-from e3rl.core.stats import t_quantile_at_normal
-from e3rl.core.threshold import (ThresholdParams, UncertaintyHistory, accepted_mask, segment_threshold,
-                                 should_erase, simulate_erase_loop)
+from e3rl.core.stats import normal_score_of_t, t_quantile_at_normal, t_upper_tail
+from e3rl.core.threshold import (Reference, ThresholdParams, UncertaintyHistory, first_attempt_mask, gap_score,
+                                 segment_reference, segment_threshold, should_erase, simulate_erase_loop,
+                                 threshold_from)
 from e3rl.core.uncertainty import UncertaintyWeights, moving_average, segment_uncertainty, uncertainty_components
 
 NOMINAL_K1 = 0.5 * math.erfc(1 / math.sqrt(2))  # 1 - Phi(1) = 0.1587: the erase rate k = 1 promises
@@ -140,12 +142,68 @@ def test_n_generators_hold_what_one_generator_would(generators):
     assert math.isfinite(pooled.mean) and pooled.mean == pytest.approx(3.0, abs=0.5)
 
 
-def test_accepted_mask_leaves_out_forced_keeps_unjudged_and_erased():
-    u = torch.tensor([1.0, 5.0, 1.0, 1.0, 2.0])
-    tau = torch.tensor([2.0, 2.0, math.inf, 2.0, 2.0])
-    erased = torch.tensor([False, False, False, True, False])
-    # kept under tau | kept over tau (budget ran out) | never judged (cap) | erased | equal to tau
-    assert accepted_mask(u, tau, erased).tolist() == [True, False, False, False, True]
+def test_first_attempt_mask_takes_every_judged_first_attempt_kept_or_erased():
+    tau = torch.tensor([2.0, 2.0, math.inf, math.nan, 2.0, 2.0])
+    erase_count = torch.tensor([0, 0, 0, 0, 1, 0])
+    # kept | erased (U measured before the decision) | judged without a reference | never judged
+    # (stream cap) | a regeneration (judged against a raised tau) | kept over tau (budget ran out)
+    assert first_attempt_mask(tau, erase_count).tolist() == [True, True, True, False, False, True]
+
+
+@pytest.mark.parametrize("df", [1.0, 2.0, 7.5, 15.0])
+def test_t_upper_tail_matches_mpmath_far_into_the_tail(df):
+    mpmath = pytest.importorskip("mpmath")
+    for t in (0.0, 0.3, 1.0, 3.0, 10.0, 100.0, -2.0):
+        x = df / (df + t * t)
+        half = 0.5 * mpmath.betainc(df / 2, 0.5, 0, x, regularized=True)
+        want = float(half if t >= 0 else 1 - half)
+        assert t_upper_tail(t, df) == pytest.approx(want, rel=1e-12)
+    assert t_upper_tail(math.inf, df) == 0.0 and t_upper_tail(-math.inf, df) == 1.0
+
+
+def test_normal_score_inverts_the_t_quantile_at_every_df():
+    for df in (1.0, 2.0, 8.0, 30.5):
+        for k in (-1.5, 0.5, 1.0, 2.5):
+            assert normal_score_of_t(t_quantile_at_normal(k, df), df) == pytest.approx(k, abs=1e-6)
+    assert normal_score_of_t(1.7, math.inf) == 1.7  # a known spread: the gap is already a normal score
+    assert normal_score_of_t(1e6, 1.0) == pytest.approx(-NormalDist().inv_cdf(1 / (math.pi * 1e6)), rel=1e-6)
+
+
+def test_a_first_attempt_crosses_tau_exactly_when_its_score_passes_the_cut():
+    p = ThresholdParams()
+    ref = segment_reference([1.0, 2.5, 2.0], UncertaintyHistory(mean=2.0, var=0.5, count=100), p)
+    assert ref.df == pytest.approx(2 + p.spread_prior)
+    for cut in (0.6, 1.0, 1.4):
+        tau = threshold_from(ref, 0, cut, p)
+        for u in (tau - 1e-6, tau + 1e-6):
+            assert (u > tau) == (gap_score(u, ref) > cut)
+    assert gap_score(5.0, None) != gap_score(5.0, None)  # no reference: nan
+    assert gap_score(2.0, Reference(2.0, 0.0, 3.0)) == 0.0 and gap_score(2.5, Reference(2.0, 0.0, 3.0)) == math.inf
+
+
+def test_history_calibrates_the_cut_from_steps_judged_with_a_history():
+    k = 1.0
+    rate = 1 - NormalDist().cdf(k)
+    scores = [i / 100 for i in range(-200, 201)]  # 401 evenly spaced scores
+    want = sorted(scores)[0] + (1 - rate) * (len(scores) - 1) / 100  # the (1 - rate) order statistic
+    h = UncertaintyHistory(decay=0.9).update([1.0, 2.0], scores, k)
+    assert (h.cut_steps, h.cut_for(k)) == (0, k)  # the first step was judged without a history
+    h = h.update([1.0, 2.0], scores, k)
+    assert h.cut_steps == 1 and h.cut == pytest.approx(want) and h.cut_for(k) == h.cut
+    h2 = h.update([1.0], [s + 1.0 for s in scores], k)  # second calibrated step: weight max(0.1, 1/2)
+    assert h2.cut == pytest.approx(want + 0.5)
+    assert h2.update([1.0], [math.nan], k).cut == h2.cut  # no score (no reference): the cut stays
+
+
+def test_history_weights_early_steps_as_an_average_then_as_an_ema():
+    h = UncertaintyHistory(decay=0.9)
+    for x in (1.0, 2.0, 3.0):
+        h = h.update([x])
+    assert h.mean == pytest.approx(2.0)  # steps 1-3 weigh 1/1, 1/2, 1/3: their average
+    for _ in range(20):
+        h = h.update([10.0])
+    # steps 4..10 weigh 1/4..1/10 (the old mean keeps 3/4 * ... * 9/10 = 3/10), then 1 - decay
+    assert h.steps == 23 and h.mean == pytest.approx(10.0 - 8.0 * 0.3 * 0.9 ** 13)
 
 
 def test_budgets_gate_the_decision():

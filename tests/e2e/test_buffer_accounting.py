@@ -6,7 +6,7 @@ that generated it; nothing is left in the buffer. Then, with the same real traje
 capacity and back-pressure: a full buffer makes the producer wait (nothing dropped), and a batch
 that became stale is refused by name, never silently dropped. Two generators share the work, and
 the threshold history they are handed is exactly what one generator that saw every segment would
-hold: each step's accepted segments folded in once.
+hold: each step's judged first attempts folded in once.
 """
 from __future__ import annotations
 
@@ -138,11 +138,12 @@ def test_threshold_history_pools_every_generator_once_per_step(looped):
     assert len(looped["trajs"][0]) == 2  # both generators produced a shard
     expected, total = UncertaintyHistory(decay=looped["cfg"].heal.history_decay), 0
     for shards in looped["trajs"]:
-        accepted = [u for shard in shards for t in shard
-                    for u, tau, erased in zip(t.segments.uncertainty.tolist(), t.segments.threshold.tolist(),
-                                              t.segments.erased.tolist())
-                    if not erased and math.isfinite(tau) and u <= tau]
-        expected, total = expected.update(accepted), total + len(accepted)
+        first = [(u, z) for shard in shards for t in shard
+                 for u, tau, z, e in zip(t.segments.uncertainty.tolist(), t.segments.threshold.tolist(),
+                                         t.segments.score.tolist(), t.segments.erase_count.tolist())
+                 if e == 0 and not math.isnan(tau)]  # every judged first attempt, kept or erased
+        expected = expected.update([u for u, _ in first], [z for _, z in first], looped["cfg"].heal.threshold_k)
+        total += len(first)
     history = looped["state"].history
     assert total > 0 and history["count"] == total
     assert history == pytest.approx(asdict(expected))

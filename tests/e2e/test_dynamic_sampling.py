@@ -105,7 +105,7 @@ def _run(env, sampling: DynamicSampling, steps: int, plan: Callable[[int, int], 
     finally:
         ray.kill(buffer)
     trained = [[t for shard in ray.get(refs) for t in shard] for refs in learner.trained]
-    return SimpleNamespace(state=state, stats=stats, metrics=[m for _, m in logged], calls=gens.calls, trained=trained,
+    return SimpleNamespace(cfg=env.cfg, state=state, stats=stats, metrics=[m for _, m in logged], calls=gens.calls, trained=trained,
                            trained_refs=learner.trained)
 
 
@@ -165,8 +165,9 @@ def test_threshold_history_takes_one_step_per_training_step(dynamic):
     calls = iter(dynamic.calls)
     expected = dynamic.calls[0].history
     for rounds in (int(m["dynamic/rounds"]) for m in dynamic.metrics):
-        accepted = [u for _ in range(rounds) for u in next(calls).rollout.accepted]
-        expected = expected.update(accepted)  # all rounds pooled, folded once
+        first = [x for _ in range(rounds) for x in next(calls).rollout.first_attempts]
+        expected = expected.update([u for u, _ in first], [z for _, z in first],
+                                   dynamic.cfg.heal.threshold_k)  # all rounds pooled, folded once
     assert dynamic.state.history == pytest.approx(asdict(expected))
 
 

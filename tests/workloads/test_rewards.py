@@ -42,15 +42,51 @@ def test_math_reward_cases(response, gold, expected):
     assert math_reward(response, gold) == expected
 
 
-def test_no_box_falls_back_to_last_number_unless_box_required():
-    assert extract_answer("5 apples and 1,250 pears") == "1250"
-    assert extract_answer("half: 1/2") == "1/2"
-    assert math_reward("We get 3 then finally -4.", "-4") == 1.0
-    assert math_reward("We get -4 then finally 3.", "-4") == 0.0
-    assert math_reward("half of it: 1/2", "\\frac{1}{2}") == 1.0
-    assert math_reward("We get -4.", "-4", require_box=True) == 0.0
-    assert math_reward("no numbers here", "-4") == 0.0
-    assert math_reward("\\boxed{}", "-4") == 0.0
+def test_last_number_fallback_is_an_opt_in():
+    assert extract_answer("5 apples and 1,250 pears", require_box=False) == "1250"
+    assert extract_answer("half: 1/2", require_box=False) == "1/2"
+    assert math_reward("We get 3 then finally -4.", "-4", require_box=False) == 1.0
+    assert math_reward("We get -4 then finally 3.", "-4", require_box=False) == 0.0
+    assert math_reward("half of it: 1/2", "\\frac{1}{2}", require_box=False) == 1.0
+    assert math_reward("We get -4.", "-4") == 0.0  # the default: a committed (boxed) answer only
+    assert math_reward("no numbers here", "-4", require_box=False) == 0.0
+    assert math_reward("\\boxed{}", "-4", require_box=False) == 0.0
+
+
+CUT_MID_THOUGHT = "Solving, we have x = 2 and next we should check whether the"
+OFF = RewardConfig(thinking="off")
+THINKS = RewardConfig(thinking="on")
+
+
+def test_a_response_cut_mid_thought_commits_to_nothing():
+    """It once scored 1.0 against gold 2 by its last number, in training rewards and in evaluation."""
+    from e3rl.rewards import score_response
+
+    assert score_response(OFF, CUT_MID_THOUGHT, _math("x", "2")).correct is False
+    assert score_response(OFF, CUT_MID_THOUGHT + " \\boxed{2}", _math("x", "2")).correct is True
+    gym = load_gym("chain_sum", size=1, seed=0)[0][0]
+    assert score_response(OFF, f"so it is {gym.answer}", gym).correct is False  # gym tasks too
+    assert score_response(OFF, f"<answer>{gym.answer}</answer>", gym).correct is True  # gym's own commitment
+    opt_in = RewardConfig(thinking="off", require_box=False)
+    assert score_response(opt_in, CUT_MID_THOUGHT, _math("x", "2")).correct is True
+    assert score_response(opt_in, f"so it is {gym.answer}", gym).correct is True
+
+
+def test_a_thinking_model_is_scored_only_after_it_stops_thinking():
+    from e3rl.rewards import score_response
+
+    gold = _math("t", "2")
+    drafted = "<think>\nmaybe \\boxed{2}, let me check"
+    assert score_response(THINKS, drafted + "\n</think>\n\nThe answer is 2.", gold).correct is False
+    assert score_response(THINKS, drafted, gold).correct is False  # cut by the length limit while thinking
+    assert score_response(THINKS, drafted + "</think>\nSo \\boxed{2}.", gold).correct is True
+    # cut after thinking: only a box it completed there counts
+    assert score_response(THINKS, drafted + "</think>\n\\boxed{2} or rather \\boxed{3", gold).correct is True
+    assert score_response(THINKS, "<think>\\boxed{2}</think>\n\\boxed{3", gold).correct is False
+    shaped = RewardConfig(thinking="on", format_weight=0.5)
+    assert score_response(shaped, drafted, gold).reward == 0.0  # a draft box earns no format reward either
+    with pytest.raises(ValueError, match="reward.thinking"):
+        score_response(RewardConfig(), "\\boxed{2}", gold)  # unresolved: refused, never guessed
 
 
 def test_oversized_answers_are_bounded():
@@ -142,14 +178,15 @@ def test_gym_near_misses_score_zero_and_equal_numbers_are_correct(task):
         for wrong in _near_misses(p.answer):
             assert problem_reward(f"so \\boxed{{{wrong}}}", p) == 0.0, (task, p.answer, wrong)
         for right in (p.answer, f" {p.answer} ", f"{p.answer}.0", f"\\boxed{{{p.answer}}}"):
-            assert problem_reward(right, p) == 1.0, (task, p.answer, right)
+            assert problem_reward(right, p, require_box=False) == 1.0, (task, p.answer, right)
+        assert problem_reward(f" {p.answer} ", p) == 0.0  # the default: only a committed answer
 
     from e3rl.rewards import Score, score_response
 
     for p in problems:
         for wrong in _near_misses(p.answer):
-            assert score_response(RewardConfig(), f"\\boxed{{{wrong}}}", p) == Score(0.0, False), (task, wrong)
-        assert score_response(RewardConfig(), f"\\boxed{{{p.answer}.0}}", p) == Score(1.0, True)
+            assert score_response(OFF, f"\\boxed{{{wrong}}}", p) == Score(0.0, False), (task, wrong)
+        assert score_response(OFF, f"\\boxed{{{p.answer}.0}}", p) == Score(1.0, True)
 
 
 def test_constant_instruction_example_scores_exactly_its_base_rate():
@@ -161,7 +198,7 @@ def test_constant_instruction_example_scores_exactly_its_base_rate():
 
     from e3rl.rewards import score_response
 
-    scores = [score_response(RewardConfig(), f"\\boxed{{{EXAMPLE}}}", p) for p in problems]
+    scores = [score_response(OFF, f"\\boxed{{{EXAMPLE}}}", p) for p in problems]
     assert sum(s.reward for s in scores) / len(scores) == base_rate
     assert sum(s.correct for s in scores) / len(scores) == base_rate
 
@@ -177,7 +214,7 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
 def test_scorer_kills_slow_answers_within_the_time_limit_and_scores_the_rest():
     from e3rl.rewards import Scorer
 
-    cfg = RewardConfig(fn="auto", timeout_s=1.5, workers=2)
+    cfg = RewardConfig(fn="auto", timeout_s=1.5, workers=2, thinking="off")
     problems = [_math("slow1", "5"), _math("half", "\\frac{1}{2}"), _math("slow2", "5"), _math("wrong", "7"),
                 _math("neg", "-4")]
     responses = [SLOW, "\\boxed{0.5}", SLOW.replace("9999", "9998"), "\\boxed{8}", "\\boxed{-4}"]
@@ -248,7 +285,7 @@ def test_scorer_user_reward_hang_kills_that_process_and_errors_are_counted(tmp_p
     problems = [_math("a", "\\frac{1}{2}"), Problem("b", str(pid_file), "1", "t"), _math("c", "-4"), _math("d", "7"),
                 _math("e", "7"), _math("f", "7")]
     responses = ["\\boxed{0.5}", "hang", "\\boxed{-4}", "\\boxed{8}", "boom", "nan"]
-    with Scorer(RewardConfig(fn="e3rl_test_hang_reward:reward", timeout_s=1.5)) as scorer:
+    with Scorer(RewardConfig(fn="e3rl_test_hang_reward:reward", timeout_s=1.5, thinking="off")) as scorer:
         start = time.perf_counter()
         scores = scorer.score(responses, problems)
         assert time.perf_counter() - start < 30
@@ -259,3 +296,31 @@ def test_scorer_user_reward_hang_kills_that_process_and_errors_are_counted(tmp_p
         assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
         with pytest.raises(ValueError, match="2 responses for 6 problems"):
             scorer.score(responses[:2], problems)
+
+
+# ------------------------------------------------------------------ reward.thinking: auto
+QWEN3_LIKE = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+              "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+              "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
+              "{%- endif %}")  # Qwen3's thinking switch, reduced to what decides where an answer starts
+
+
+@pytest.mark.parametrize("template, want", [
+    (QWEN3_LIKE, "on"),  # thinking on: the model opens and closes its own block
+    (QWEN3_LIKE.replace("enable_thinking is defined and enable_thinking is false", "true"), "off"),  # closed
+    (None, "off"),  # a template without thinking (SmolLM2's own)
+])
+def test_reward_thinking_auto_follows_the_chat_template(tokenizer, template, want):
+    import copy
+
+    from e3rl.config import load_config
+    from e3rl.data import resolve_reward_thinking
+
+    tok = copy.deepcopy(tokenizer)
+    if template is not None:
+        tok.chat_template = template
+    cfg = load_config()
+    assert cfg.reward.thinking == "auto"
+    resolved = resolve_reward_thinking(cfg, tok)
+    assert resolved.reward.thinking == want
+    assert resolve_reward_thinking(resolved, None) is resolved  # concrete values are kept as they are
