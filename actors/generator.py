@@ -17,7 +17,7 @@ import torch
 
 from actors.healing import Decision, HealingPolicy, TokenText
 from actors.kv_rewind import RowCache
-from actors.sampling import sample
+from actors.sampling import sample_scored
 from e3rl.config import Config, GenConfig, HealConfig
 from e3rl.core.surprisal import token_logprobs
 from e3rl.core.threshold import UncertaintyHistory
@@ -154,17 +154,19 @@ class RewindableGenerator:
             z = logits if len(need) == len(batch.rows) else logits[idx]  # [R, V]
             if self.sample_hook is not None:
                 self.sample_hook([batch.rows[i] for i in need], z)
-            tok = sample(z, self.gen.temperature, self.gen.top_k, self.gen.top_p, self.rng)
+            g = self.gen
+            tok, logp = sample_scored(z, g.temperature, g.top_k, g.top_p, self.rng)
             next_tok[idx] = tok
-            need = self._record(policy, batch, need, idx, z, tok, logits)
+            need = self._record(policy, batch, need, idx, z, tok, logp, logits)
         return next_tok
 
     def _record(self, policy: HealingPolicy, batch: _Batch, need: list, idx: torch.Tensor, z: torch.Tensor,
-                tok: torch.Tensor, logits: torch.Tensor) -> list:
-        """Push the sampled tokens to the policy and carry out its decisions. -> rows to re-sample."""
-        t = self.gen.temperature
-        logp = token_logprobs(z, tok, t)
-        surp = -logp if self.heal.surprisal_under == "sampling" or t in (0.0, 1.0) else -token_logprobs(z, tok, 1.0)
+                tok: torch.Tensor, logp: torch.Tensor, logits: torch.Tensor) -> list:
+        """Push the sampled tokens with their behaviour log-probs (under the sampling distribution) to
+        the policy and carry out its decisions. -> rows to re-sample."""
+        g = self.gen
+        plain = g.temperature in (0.0, 1.0) and g.top_k == 0 and g.top_p == 1.0
+        surp = -logp if self.heal.surprisal_under == "sampling" or plain else -token_logprobs(z, tok, 1.0)
         decisions = policy.push([batch.rows[i] for i in need], tok.tolist(), logp.tolist(), surp.tolist(),
                                 batch.kv.pos[idx].tolist())
         if self.heal_active:

@@ -19,6 +19,7 @@ _SUMMED = ("gen/samples", "gen/tokens_produced", "gen/tokens_kept", "gen/forward
            "gen/rewind_requests", "gen/rewind_recomputed_tokens", "gen/prefix_tokens", "gen/prefix_cached_tokens",
            "gen/engine_requests")
 _MAXED = ("gen/seconds", "gen/peak_kv_bytes")
+_MINNED = ("gen/policy_version_min",)  # the oldest weights any trajectory was sampled with
 
 
 def segment_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
@@ -59,6 +60,8 @@ def rollout_stats(trajs: Sequence[Trajectory], seconds: float, peak_kv_bytes: in
         "e3rl/erased_token_frac": (produced - kept) / max(produced, 1),
         "e3rl/compactions": float(sum(t.compactions for t in trajs)),
     }
+    if trajs:
+        out["gen/policy_version_min"] = float(min(t.policy_version for t in trajs))
     for reason, c in Counter(t.finish_reason for t in trajs).items():
         out[f"gen/finish_{reason}"] = c / n
     return out | segment_stats(trajs) | first_attempt_erase_rate(trajs)
@@ -89,13 +92,15 @@ def _engine_ratios(s: dict[str, float]) -> dict[str, float]:
 
 
 def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Combine per-shard stats: counts add, peaks and seconds take the max (parallel), means are
-    weighted by samples (or by their own segment count)."""
+    """Combine per-shard stats: counts add, peaks and seconds take the max (parallel), the oldest
+    policy version the min, means are weighted by samples (or by their own segment count)."""
     total = sum(p.get("gen/samples", 0.0) for p in parts) or 1.0
     out: dict[str, float] = {}
     for key in set().union(*parts) if parts else ():
         if key in _MAXED:
             out[key] = max(p.get(key, 0.0) for p in parts)
+        elif key in _MINNED:
+            out[key] = min(p[key] for p in parts if key in p)
         elif key.startswith(_SUMMED):
             out[key] = sum(p.get(key, 0.0) for p in parts)
         elif key in MEAN_COUNTS:

@@ -1,9 +1,10 @@
 """Token sampling with temperature, top-k and top-p from a seeded `torch.Generator`.
 
 Sampling draws only from the generator it is given, so a generator seeded once reproduces a whole
-rollout (the plain class and its Ray shell give identical output). Behaviour log-probs are not
-computed here: they are scored under logits / T by `e3rl.core.surprisal.token_logprobs`, which
-the learner recomputes the same way.
+rollout (the plain class and its Ray shell give identical output). `sampling_logits` is the
+distribution tokens are drawn from, after temperature, top-k and top-p: the behaviour log-probs
+are scored under it, which is what vLLM returns as `processed_logprobs`, so both backends give a
+behaviour log-prob one meaning (training rollouts refuse truncation: see `e3rl.config`).
 """
 from __future__ import annotations
 
@@ -25,17 +26,29 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """fp32 logits of the distribution tokens are drawn from: logits / T with the tokens outside the
+    top-k / nucleus at -inf. [B, V] -> [B, V]. Greedy (T = 0) is scored as T = 1, untruncated."""
+    z = logits.float()
+    if temperature in (0.0, 1.0):
+        return z if temperature == 0.0 else filter_logits(z, top_k, top_p)
+    return filter_logits(z / temperature, top_k, top_p)
+
+
+def sample_scored(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next tokens [B] long, their log-probs [B] under the sampling distribution) from logits [B, V];
+    temperature 0 = greedy (no randomness consumed)."""
+    z = sampling_logits(logits, temperature, top_k, top_p)
+    tok = logits.argmax(-1) if temperature == 0.0 else draw(z.softmax(-1), generator)
+    return tok, z.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+
+
 def sample(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
     """Next tokens [B] (long) from logits [B, V]; temperature 0 = greedy (no randomness consumed)."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    z = filter_logits(z, top_k, top_p)
-    return draw(z.softmax(-1), generator)
+    return sample_scored(logits, temperature, top_k, top_p, generator)[0]
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

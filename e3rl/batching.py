@@ -60,6 +60,11 @@ class Batch:
     first_attempts: list  # (U, gap score) of every round's judged first attempts, folded into the history once
     metrics: dict[str, float]  # gen/… and reward/… over all rounds; dynamic/… when enabled
 
+    @property
+    def policy_version(self) -> int:
+        """The oldest policy version any of its trajectories was sampled with (what staleness is)."""
+        return int(self.metrics["gen/policy_version_min"])
+
 
 def collect_batch(generators: Any, next_batch: NextBatch, step: int, step_seed: int, sampling: DynamicSampling,
                   timer: Timer = lambda phase: nullcontext()) -> Batch:

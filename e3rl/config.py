@@ -151,9 +151,9 @@ class GenConfig:
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
-    """Nucleus sampling mass (1 = off)."""
+    """Nucleus sampling mass (1 = off). Evaluation only: a training run refuses truncation."""
     top_k: int = 0
-    """Top-k sampling (0 = off)."""
+    """Top-k sampling (0 = off). Evaluation only: a training run refuses truncation."""
     stop: tuple = ()
     """Stop strings: a row ends once its kept text contains one."""
     rows_per_forward: int = 0
@@ -252,8 +252,9 @@ class AlgoConfig:
     behaviour_logp: Literal["generator", "recompute"] = "generator"
     """Behaviour log-probs (pi_gen, for `tis_cap` and `learner/logp_diff_mean`): the generator's own,
     or the learner's recompute (then pi_gen = pi_old: no correction). The generator's are those of
-    the sampling distribution, except on the vLLM backend with `heal.surprisal_under: policy` and a
-    temperature other than 0 or 1, where vLLM returns the T = 1 log-probs: that needs `recompute`."""
+    the sampling distribution on both backends (after temperature, top-k, top-p), except on the vLLM
+    backend with `heal.surprisal_under: policy` and a reshaped distribution (a temperature other
+    than 0 or 1, top-k, top-p), where vLLM returns the T = 1 log-probs: that needs `recompute`."""
     tis_cap: float = 0.0
     """Truncated importance sampling: weight each token's loss by min(pi_old / pi_gen, tis_cap),
     correcting for a generator whose numerics (or weights) differ from the learner's. 0 = off."""
@@ -467,6 +468,19 @@ class Config:
         _validate(self)
         return self
 
+    def check_training(self) -> "Config":
+        """What a training run refuses and evaluation allows: truncated sampling (top-k, top-p).
+        Training rollouts sample the untruncated policy, because E3RL's surprisal, the learner's
+        pi_old and the importance ratios all assume it; truncation is an inference setting."""
+        g = self.gen
+        name = "gen.top_p" if g.top_p < 1.0 else "gen.top_k"
+        _check(g.top_p == 1.0 and g.top_k == 0, name,
+               f"training rollouts would sample a truncated distribution (top_p={g.top_p}, top_k={g.top_k}): "
+               "surprisal, pi_old and importance ratios assume the untruncated policy",
+               "set gen.top_p=1 gen.top_k=0 for training; truncated sampling is for evaluation "
+               "(python -m e3rl.eval ... gen.top_p=0.95)")
+        return self
+
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
@@ -506,10 +520,11 @@ def _validate(c: Config) -> None:
            "e.g. 0.85 when the GPU holds only the engine")
     _check(v.kv_cache_gib >= 0, "gen.vllm.kv_cache_gib", f"must be >= 0, got {v.kv_cache_gib}", "0 = automatic")
     _check(v.max_num_seqs >= 0, "gen.vllm.max_num_seqs", f"must be >= 0, got {v.max_num_seqs}", "0 = vLLM's default")
+    reshaped = g.temperature not in (0.0, 1.0) or g.top_k > 0 or g.top_p < 1.0
     _check(not (g.backend == "vllm" and c.algo.behaviour_logp == "generator" and c.heal.surprisal_under == "policy"
-                and g.temperature not in (0.0, 1.0)), "algo.behaviour_logp",
-           f"vLLM returns one log-prob per token: with heal.surprisal_under=policy and gen.temperature={g.temperature} "
-           "it is the T = 1 policy's, not the sampling distribution's",
+                and reshaped), "algo.behaviour_logp",
+           f"vLLM returns one log-prob per token: with heal.surprisal_under=policy and gen.temperature={g.temperature}, "
+           f"top_k={g.top_k}, top_p={g.top_p} it is the T = 1 policy's, not the sampling distribution's",
            "set algo.behaviour_logp=recompute (the learner's log-probs stand in) or heal.surprisal_under=sampling")
     _check(r.sync_bucket_mb > 0, "resources.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}", "e.g. 64")
     _check(r.sync_timeout_s > 0, "resources.sync_timeout_s", f"must be > 0, got {r.sync_timeout_s}", "e.g. 120")

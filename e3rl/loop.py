@@ -83,7 +83,8 @@ def train(roles: Roles, state: LoopState, steps: int, seed: int, eval_every: int
                               sampling, timer=t)  # the "data" and "generate" phases, each round
         roles.generators.fold_history(batch.first_attempts)
         with t("buffer"):
-            ray.get(roles.buffer.put.remote(batch.refs, state.version, batch.trained_samples))
+            # the batch's own version (its oldest trajectory's), so a generator that missed a sync is caught
+            ray.get(roles.buffer.put.remote(batch.refs, batch.policy_version, batch.trained_samples))
             item = ray.get(roles.buffer.get.remote(state.version))
         with t("train"):
             learn = roles.learner.train_step(item.refs)

@@ -60,7 +60,7 @@ def _resume(cfg: Config, roles: Roles, out: Path, stream: PromptStream) -> LoopS
 
 def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     t_start = time.time()
-    cfg = resolve_backend(cfg)
+    cfg = resolve_backend(cfg).check_training()
     rundir.check(cfg)  # every input is validated before the run dir is written (rundir.prepare below)
     if cfg.model.path.startswith("builtin:"):
         materialize_builtin(cfg.model.path)  # once, before actors race to convert it

@@ -64,6 +64,33 @@ def test_greedy_with_forced_erasures_matches_the_hf_backend(vllm_engine, vllm_mo
     assert sum(t.rewinds for t in tv) >= 6
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.8), (20, 1.0)])
+def test_behaviour_logprobs_mean_the_sampling_distribution_on_both_backends(vllm_engine, vllm_model, tokenizer,
+                                                                          prompts, top_k, top_p):
+    """Under T = 0.7 with top-p or top-k, each backend's behaviour log-prob of every sampled token is
+    its log-prob under the truncated, renormalised distribution it was drawn from, as a fresh
+    forward computes it. The HF loop once recorded the untruncated softmax(z / T), while vLLM returned
+    the truncated one: the same token had two behaviour log-probs, and TIS weights differed by engine."""
+    from actors.sampling import filter_logits
+
+    gen = GenConfig(group_size=2, max_new_tokens=12, temperature=0.7, top_k=top_k, top_p=top_p)
+    heal = HealConfig(surprisal_under="sampling")  # the engine's logprobs_mode: processed_logprobs
+    v, h = both(vllm_engine, vllm_model, tokenizer, gen, heal, False)
+    # vLLM's kernels may put a token at the nucleus / top-k edge on the other side: that moves the
+    # normaliser by the token's mass (seen: 3e-4), far below the gap truncation makes (>= 0.05 here)
+    for g, tol in ((h, LOGP_TOL), (v, 1e-3)):
+        for t in g.generate(prompts, [0, 1, 2]):
+            prompt = t.prompt_ids.tolist()
+            ids = torch.tensor([prompt + t.stream_ids.tolist()])
+            with torch.no_grad():
+                z = vllm_model(ids).logits[0, len(prompt) - 1 : -1].float() / gen.temperature
+            ref = filter_logits(z, top_k, top_p).log_softmax(-1).gather(1, t.stream_ids[:, None])[:, 0]
+            assert torch.allclose(t.behavior_logp, ref, atol=tol, rtol=0), type(g).__name__
+            assert torch.allclose(t.surprisal, -ref, atol=tol, rtol=0)
+            untruncated = z.log_softmax(-1).gather(1, t.stream_ids[:, None])[:, 0]
+            assert (ref - untruncated).min() > 0.05  # what the HF loop recorded before: far off
+
+
 def test_eos_and_stop_strings_end_rows_as_on_hf(vllm_engine, vllm_model, tokenizer, prompts):
     gen = GenConfig(group_size=2, max_new_tokens=24, temperature=0)
     heal = HealConfig(segment_tokens=4)

@@ -78,12 +78,45 @@ def looped(ray_session, tmp_path_factory):
         stats = ray.get(roles.buffer.stats.remote())
         trajs = [ray.get(refs) for refs in gen.seen]  # per step: [shard lists of Trajectory]
         final_gen_version = ray.get(roles.generators.actors[0].policy_version.remote())
-        yield dict(threads=roles.generators.torch_threads(), cfg=cfg, state=state, stats=stats, logged=logged, produced=gen.seen, trained=learner.seen,
+        stale = _train_after_a_lost_sync(roles, cfg, hooks)
+        yield dict(stale=stale, threads=roles.generators.torch_threads(), cfg=cfg, state=state, stats=stats, logged=logged, produced=gen.seen, trained=learner.seen,
                    trajs=trajs, checkpoints=checkpoints, final_gen_version=final_gen_version)
     finally:
         roles.generators.shutdown()
         roles.learner.shutdown()
         ray.kill(roles.buffer)
+
+
+def _train_after_a_lost_sync(roles, cfg, hooks) -> tuple[list, str]:
+    """Two more steps whose weight sync reaches no generator (it reports the learner's version, as
+    a sync whose broadcast was lost would): the second step's rollouts are sampled with weights one
+    version behind the learner's. -> (steps trained, the error that stopped the loop)."""
+    from actors.replay_buffer import make_replay_buffer
+    from e3rl.weight_sync import SyncReport
+
+    lost = lambda: SyncReport(roles.learner.policy_version(), 0, "lost")
+    trained: list = []
+    learner = _Recorder(roles.learner, "train_step", lambda args, res: args[0])
+    buffer = make_replay_buffer(capacity=2, max_staleness=0)
+    state = LoopState()
+    try:
+        quiet = Hooks(hooks.next_batch, lambda step: {}, lambda: None, lambda step, m: None)
+        train(Roles(roles.generators, buffer, learner, sync=lost), state, 2, cfg.run.seed, 0, 0, quiet)
+        error = ""
+    except Exception as e:  # the buffer actor's StaleBatchError, as Ray raises it
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        ray.kill(buffer)
+    trained[:] = learner.seen
+    return trained, error
+
+
+def test_a_batch_sampled_with_stale_weights_is_refused_by_its_own_version(looped):
+    """The loop once stamped each batch with the driver's version, so the buffer compared the learner's
+    version with itself and a generator that missed a sync went on feeding stale rollouts unnoticed."""
+    trained, error = looped["stale"]
+    assert len(trained) == 1  # the first step's rollouts were on-policy; the second's were not trained
+    assert "StaleBatchError" in error and "1 behind the learner" in error
 
 
 def test_generators_on_one_node_split_its_cores(looped):

@@ -66,9 +66,15 @@ def test_attention_allocation_follows_answer_attention_on_kept_columns():
 
 
 def test_stream_cut_after_a_rewind_and_bad_positions():
+    # kept position 0 (3 tokens), then position 1 erased with no replacement: the stream ended there
     cut = build_trajectory(_tok(2), [(0, _tok(3), False), (1, _tok(2), True)], [0.1, 0.2])
-    adv = trajectory_token_advantages(cut, 1.0, AdvantageSpec(allocation="uncertainty", erased_credit="contrast"))
-    assert adv.shape == (5,) and torch.isfinite(adv).all()
+    spec = AdvantageSpec(allocation="uncertainty", erased_credit="contrast", margin=0.5)
+    for a in (1.0, -1.0):
+        adv = trajectory_token_advantages(cut, a, spec)
+        # the lone kept segment takes the whole advantage (weight 1 = K / K); the unreplaced position
+        # weighs 1, so its erased attempt gets contrast credit min(a, 0) - 0.5 |a|
+        want = [a] * 3 + [min(a, 0.0) - 0.5 * abs(a)] * 2
+        assert adv.tolist() == pytest.approx(want), a
     bad = build_trajectory(_tok(2), [(0, _tok(3), False), (2, _tok(2), False)], [0.1, 0.2])
     with pytest.raises(ValueError, match="not 0..K-1"):
         trajectory_token_advantages(bad, 1.0, AdvantageSpec())

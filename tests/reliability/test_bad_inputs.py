@@ -31,6 +31,7 @@ CASES = {
     "unknown_key": ("sub", TINY, ["algo.clip_hihg=0.3"], "algo.clip_hihg", ["unknown key", "algo.clip_high"]),
     "wrong_type": ("sub", TINY, ["gen.group_size=two"], "gen.group_size", ["expected an integer"]),
     "out_of_range": ("sub", TINY, ["gen.top_p=1.5"], "gen.top_p", ["must be in (0, 1]"]),
+    "truncated_training_rollouts": ("main", TINY, ["gen.top_p=0.95"], "gen.top_p", ["truncated", "e3rl.eval"]),
     "missing_model_path": ("main", TINY, ["model.path=<missing>/model"], "model.path", ["does not exist"]),
     "not_a_causal_lm": ("sub", TINY, ["model.path=<bert>"], "model.path", ["BertModel", "not a causal LM"]),
     "encoder_decoder_config": ("main", TINY, ["model.path=<t5>"], "model.path", ["'t5'", "not a causal LM"]),
