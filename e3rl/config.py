@@ -59,8 +59,11 @@ class ModelConfig:
 class DataConfig:
     train: str = "gym:chain_sum"
     """Training set: `gym:<reasoning-gym task>`, a local parquet/jsonl path, or a hub dataset name."""
-    format: Literal["auto", "deepmath", "aime", "math500", "gym"] = "auto"
-    """Column schema of `train`/`eval`; `auto` detects it from the columns."""
+    format: Literal["auto", "deepmath", "aime", "math500"] = "auto"
+    """Column schema of the `train` file; `auto` detects it from the columns (`gym:` tasks have none)."""
+    eval_format: Literal["auto", "deepmath", "aime", "math500"] = "auto"
+    """Column schema of every `eval` file; `auto` detects each file's own (AIME 2024 `problem/answer`,
+    AIME 2025 `question/answer`), so a DeepMath training set does not impose its columns on them."""
     gym_kwargs: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
     """Keyword args for `reasoning_gym.create_dataset` (difficulty knobs of the task)."""
     train_size: int = 2000
@@ -108,10 +111,11 @@ class RewardConfig:
     """Count only a committed answer, the last complete `\\boxed{}` (or a gym task's `<answer>` tag),
     as published math accuracies do. `false` lets a box-free response answer with its last number:
     an opt-in for small models that ignore the format (it also scores text cut off mid-thought)."""
-    thinking: Literal["auto", "on", "off"] = "auto"
-    """`on`: score only the text after the model's closing `</think>` (no `</think>`: scores 0).
-    `auto`: on when the chat template has a thinking block the prompt leaves open (Qwen3 with
-    thinking on), resolved once by the driver."""
+    thinking: Literal["auto", "required", "none"] = "auto"
+    """`required`: the model thinks first; score only the text after its closing `</think>` (none:
+    scores 0). `none`: score the whole response. `auto`: `required` when the chat template has a
+    thinking block the prompt leaves open (Qwen3 with thinking on), else `none`; resolved once by
+    the driver. (Not on/off: YAML reads those as booleans.)"""
 
 
 @dataclass(frozen=True)

@@ -60,13 +60,14 @@ def _load_source(spec: str, size: int, seed: int, cfg: Config, tokenizer: Any, f
     if _looks_local(spec) and not Path(spec).expanduser().exists():
         raise ConfigError(f"{field}: dataset file {spec!r} does not exist — give a parquet/jsonl path, a hub name, or gym:<task>")
     difficulty = None if (d.difficulty_min, d.difficulty_max) == (0.0, 10.0) else (d.difficulty_min, d.difficulty_max)
+    fmt, fmt_field = (d.format, "data.format") if field == "data.train" else (d.eval_format, "data.eval_format")
     try:
-        return load_math(spec, format=None if d.format == "auto" else d.format, difficulty=difficulty,
+        return load_math(spec, format=None if fmt == "auto" else fmt, difficulty=difficulty,
                          max_prompt_len=d.max_prompt_tokens, tokenizer=tokenizer, n=size or None, seed=seed)
     except FileNotFoundError as e:
         raise ConfigError(f"{field}: {e} — give an existing parquet/jsonl path") from None
     except ValueError as e:
-        raise ConfigError(f"{field}: {e} — use data.format or a file with those columns") from None
+        raise ConfigError(f"{field}: {e} — set {fmt_field} (auto detects it) or give a file with those columns") from None
 
 
 def load_workload(cfg: Config, tokenizer: Any) -> Workload:
@@ -109,12 +110,12 @@ def prompt_leaves_thinking_open(cfg: Config, tokenizer: Any) -> bool:
 
 
 def resolve_reward_thinking(cfg: Config, tokenizer: Any) -> Config:
-    """The config with `reward.thinking: auto` made concrete from the chat template (on when the
-    prompts leave the model to think). The driver resolves it once, so the run dir records what
+    """The config with `reward.thinking: auto` made concrete from the chat template (`required` when
+    the prompts leave the model to think, else `none`). The driver resolves it once, so the run dir records what
     was scored; a generator actor handed an unresolved config resolves it the same way."""
     if cfg.reward.thinking != "auto":
         return cfg
     import dataclasses
 
     on = prompt_leaves_thinking_open(cfg, tokenizer)
-    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, thinking="on" if on else "off"))
+    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, thinking="required" if on else "none"))

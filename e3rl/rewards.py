@@ -206,7 +206,7 @@ def score_response(cfg: RewardConfig, response: str, problem: Problem) -> Score:
         raise ValueError("reward.thinking is 'auto': the driver resolves it from the chat template "
                          "(e3rl.data.resolve_reward_thinking) before scoring")
     partial = 0.0
-    text = committed_text(response, cfg.thinking == "on")
+    text = committed_text(response, cfg.thinking == "required")
     if cfg.fn not in ("auto", "math_verify"):
         base = float(_user_reward_fn(cfg.fn)(response, problem))
         correct = base >= 1.0
@@ -261,6 +261,9 @@ class Scorer:
     workers keep their caches (parsed golds, gym datasets) across steps; `close()` ends them."""
 
     def __init__(self, cfg: RewardConfig):
+        if cfg.thinking == "auto":  # refused here, once, rather than as every response's scoring error
+            raise ValueError("Scorer: reward.thinking is 'auto' — resolve it from the chat template first "
+                             "(e3rl.data.resolve_reward_thinking)")
         self.cfg = cfg
         self._pool: Any = None
 

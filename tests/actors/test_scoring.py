@@ -26,7 +26,7 @@ def test_auto_reward_uses_gym_scorer_and_math_verify_and_fills_correct():
     gym, _ = load_gym("chain_sum", 1, seed=0)
     math = Problem("m", "half?", "\\frac{1}{2}", "test")
     trajs = [_traj(f"so \\boxed{{{gym[0].answer}}}"), _traj("\\boxed{7}"), _traj("\\boxed{0.5}"), _traj("no")]
-    with Scorer(load_config().reward) as scorer:
+    with Scorer(load_config(None, ["reward.thinking=none"]).reward) as scorer:
         stats = score(trajs, [gym[0], math], 2, scorer, max_len=32)
     assert [t.reward for t in trajs] == [1.0, 0.0, 1.0, 0.0]
     assert [t.correct for t in trajs] == [True, False, True, False]
@@ -40,7 +40,7 @@ def test_format_bonus_never_makes_a_wrong_answer_correct(w):
 
     from e3rl.rewards import Score, score_response
 
-    cfg = load_config(None, ["reward.fn=math_verify", f"reward.format_weight={w}"]).reward
+    cfg = load_config(None, ["reward.fn=math_verify", f"reward.format_weight={w}", "reward.thinking=none"]).reward
     p = Problem("m", "q", "3", "test")
     wrong, right = score_response(cfg, "\\boxed{4}", p), score_response(cfg, "\\boxed{3}", p)
     assert wrong == Score(w, False) and right == Score(1.0 + w, True)
@@ -55,8 +55,8 @@ def test_partial_credit_is_shaping_only():
 
     problems, _ = load_gym("chain_sum", 40, seed=0)
     p = next(q for q in problems if q.answer.isdigit() and q.answer != "0")  # chain_sum gives `-gold` 0.5
-    off = load_config().reward
-    on = load_config(None, ["reward.partial_weight=0.5"]).reward
+    off = load_config(None, ["reward.thinking=none"]).reward
+    on = load_config(None, ["reward.partial_weight=0.5", "reward.thinking=none"]).reward
     assert score_response(off, f"\\boxed{{-{p.answer}}}", p) == Score(0.0, False)
     assert score_response(on, f"\\boxed{{-{p.answer}}}", p) == Score(0.25, False)
     assert score_response(on, f"\\boxed{{{p.answer}}}", p) == Score(1.0, True)  # full credit: no partial on top
@@ -75,7 +75,8 @@ def test_overlong_punishment_counts_kept_tokens_and_never_changes_correct():
     p = Problem("m", "q", "3", "test")
     trajs = [long("\\boxed{3}", kept=13, erased=5), long("\\boxed{4}", kept=16, erased=0),
              long("\\boxed{3}", kept=12, erased=9)]
-    cfg = load_config(None, ["reward.fn=math_verify", "reward.overlong_buffer=4", "gen.max_new_tokens=16"]).reward
+    cfg = load_config(None, ["reward.fn=math_verify", "reward.overlong_buffer=4", "gen.max_new_tokens=16",
+                             "reward.thinking=none"]).reward
     with Scorer(cfg) as scorer:
         stats = score(trajs, [p], 3, scorer, max_len=16)
     # max_len 16, buffer 4: 13 kept tokens -> -1/4, 16 -> -1, 12 -> 0 (erased tokens do not count)

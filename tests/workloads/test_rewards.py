@@ -54,8 +54,8 @@ def test_last_number_fallback_is_an_opt_in():
 
 
 CUT_MID_THOUGHT = "Solving, we have x = 2 and next we should check whether the"
-OFF = RewardConfig(thinking="off")
-THINKS = RewardConfig(thinking="on")
+OFF = RewardConfig(thinking="none")
+THINKS = RewardConfig(thinking="required")
 
 
 def test_a_response_cut_mid_thought_commits_to_nothing():
@@ -67,7 +67,7 @@ def test_a_response_cut_mid_thought_commits_to_nothing():
     gym = load_gym("chain_sum", size=1, seed=0)[0][0]
     assert score_response(OFF, f"so it is {gym.answer}", gym).correct is False  # gym tasks too
     assert score_response(OFF, f"<answer>{gym.answer}</answer>", gym).correct is True  # gym's own commitment
-    opt_in = RewardConfig(thinking="off", require_box=False)
+    opt_in = RewardConfig(thinking="none", require_box=False)
     assert score_response(opt_in, CUT_MID_THOUGHT, _math("x", "2")).correct is True
     assert score_response(opt_in, f"so it is {gym.answer}", gym).correct is True
 
@@ -83,7 +83,7 @@ def test_a_thinking_model_is_scored_only_after_it_stops_thinking():
     # cut after thinking: only a box it completed there counts
     assert score_response(THINKS, drafted + "</think>\n\\boxed{2} or rather \\boxed{3", gold).correct is True
     assert score_response(THINKS, "<think>\\boxed{2}</think>\n\\boxed{3", gold).correct is False
-    shaped = RewardConfig(thinking="on", format_weight=0.5)
+    shaped = RewardConfig(thinking="required", format_weight=0.5)
     assert score_response(shaped, drafted, gold).reward == 0.0  # a draft box earns no format reward either
     with pytest.raises(ValueError, match="reward.thinking"):
         score_response(RewardConfig(), "\\boxed{2}", gold)  # unresolved: refused, never guessed
@@ -214,7 +214,7 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
 def test_scorer_kills_slow_answers_within_the_time_limit_and_scores_the_rest():
     from e3rl.rewards import Scorer
 
-    cfg = RewardConfig(fn="auto", timeout_s=1.5, workers=2, thinking="off")
+    cfg = RewardConfig(fn="auto", timeout_s=1.5, workers=2, thinking="none")
     problems = [_math("slow1", "5"), _math("half", "\\frac{1}{2}"), _math("slow2", "5"), _math("wrong", "7"),
                 _math("neg", "-4")]
     responses = [SLOW, "\\boxed{0.5}", SLOW.replace("9999", "9998"), "\\boxed{8}", "\\boxed{-4}"]
@@ -285,7 +285,7 @@ def test_scorer_user_reward_hang_kills_that_process_and_errors_are_counted(tmp_p
     problems = [_math("a", "\\frac{1}{2}"), Problem("b", str(pid_file), "1", "t"), _math("c", "-4"), _math("d", "7"),
                 _math("e", "7"), _math("f", "7")]
     responses = ["\\boxed{0.5}", "hang", "\\boxed{-4}", "\\boxed{8}", "boom", "nan"]
-    with Scorer(RewardConfig(fn="e3rl_test_hang_reward:reward", timeout_s=1.5, thinking="off")) as scorer:
+    with Scorer(RewardConfig(fn="e3rl_test_hang_reward:reward", timeout_s=1.5, thinking="none")) as scorer:
         start = time.perf_counter()
         scores = scorer.score(responses, problems)
         assert time.perf_counter() - start < 30
@@ -306,9 +306,9 @@ QWEN3_LIKE = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}
 
 
 @pytest.mark.parametrize("template, want", [
-    (QWEN3_LIKE, "on"),  # thinking on: the model opens and closes its own block
-    (QWEN3_LIKE.replace("enable_thinking is defined and enable_thinking is false", "true"), "off"),  # closed
-    (None, "off"),  # a template without thinking (SmolLM2's own)
+    (QWEN3_LIKE, "required"),  # thinking on: the model opens and closes its own block
+    (QWEN3_LIKE.replace("enable_thinking is defined and enable_thinking is false", "true"), "none"),  # closed
+    (None, "none"),  # a template without thinking (SmolLM2's own)
 ])
 def test_reward_thinking_auto_follows_the_chat_template(tokenizer, template, want):
     import copy

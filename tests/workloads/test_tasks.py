@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -187,3 +188,21 @@ def test_gym_scoring_recreates_the_dataset_after_a_json_round_trip():
     gym_mod._dataset.cache_clear()
     assert score_gym(again, f"\\boxed{{{p.answer}}}") == 1.0
     assert score_gym(again, f"\\boxed{{{int(p.answer) + 1}}}") == 0.0
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("qwen3-*.yaml")))
+def test_the_qwen3_configs_load_their_data_with_each_sources_own_schema(config, fixtures_dir, tokenizer):
+    """A Qwen3 config's data section, as written, over the repository's fixtures of the same schemas
+    (DeepMath parquet; AIME 2024 problem/answer, AIME 2025 question/answer). It once stopped at
+    start-up: `data.format: deepmath` was applied to the AIME files too ("missing columns")."""
+    from e3rl.config import load_config
+    from e3rl.data import load_workload
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / config, [
+        f"data.train={fixtures_dir / 'deepmath_sample.parquet'}", "data.train_size=0",
+        f"data.eval=[{fixtures_dir / 'aime2024_sample.jsonl'},{fixtures_dir / 'aime2025_sample.jsonl'}]"])
+    assert cfg.data.format == "deepmath"
+    work = load_workload(cfg, tokenizer)
+    assert work.train and all(p.answer for p in work.train)
+    assert [len(v) for v in work.evals.values()] == [2, 3]  # every row with an answer, each file by its own columns
+    assert all(p.answer and p.prompt for v in work.evals.values() for p in v)
