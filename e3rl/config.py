@@ -83,6 +83,9 @@ class DataConfig:
     of the task family (gym tasks also ask for the bare answer in the box)."""
     system_prompt: str = ""
     """Optional system message for the chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Variables the chat template is rendered with, e.g. `{enable_thinking: false}` for Qwen3
+    (thinking on or off is the model card's switch; `reward.thinking: auto` follows what it renders)."""
     seed: int = 0
     """Seed of the subset draw and of generated gym problems."""
 

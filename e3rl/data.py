@@ -88,11 +88,18 @@ def instruction_for(cfg: Config, problem: Problem) -> str:
     return GYM_INSTRUCTION if "rg_task" in problem.meta else DEFAULT_INSTRUCTION
 
 
+def render_prompt(cfg: Config, problem: Problem, tokenizer: Any) -> str:
+    """One problem's prompt text as this run renders it (instruction, system prompt, template kwargs)."""
+    d = cfg.data
+    return build_prompt(problem, tokenizer, instruction_for(cfg, problem), d.system_prompt or None,
+                        dict(d.chat_template_kwargs))
+
+
 def encode_prompts(cfg: Config, problems: list[Problem], tokenizer: Any) -> list[list[int]]:
     """Chat-templated prompt token ids (the template already holds any BOS token)."""
     out = []
     for p in problems:
-        text = build_prompt(p, tokenizer, instruction_for(cfg, p), cfg.data.system_prompt or None)
+        text = render_prompt(cfg, p, tokenizer)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
 
@@ -105,7 +112,7 @@ def prompt_leaves_thinking_open(cfg: Config, tokenizer: Any) -> bool:
     if not isinstance(template, str) or "</think>" not in template:
         return False
     probe = Problem(uid="probe", prompt="What is 1 + 1?", answer="2", source="probe")
-    text = build_prompt(probe, tokenizer, instruction_for(cfg, probe), cfg.data.system_prompt or None)
+    text = render_prompt(cfg, probe, tokenizer)
     return not text.rstrip().endswith("</think>")
 
 

@@ -52,17 +52,19 @@ def answer_text(value: Any) -> str | None:
 
 
 def build_prompt(problem: Problem, tokenizer: Any, instruction: str = DEFAULT_INSTRUCTION,
-                 system: str | None = None) -> str:
+                 system: str | None = None, template_kwargs: dict | None = None) -> str:
     """The text fed to the generator: question + instruction, in the model's chat format.
 
-    Uses the tokenizer's chat template when it has one (what the model was tuned on); otherwise a
-    plain "Question: ...\\nAnswer:" completion prompt, which base models continue sensibly.
+    Uses the tokenizer's chat template when it has one (what the model was tuned on), rendered with
+    `template_kwargs` (e.g. Qwen3's `enable_thinking`); otherwise a plain "Question: ...\\nAnswer:"
+    completion prompt, which base models continue sensibly.
     """
     user = f"{problem.prompt}\n{instruction}" if instruction else problem.prompt
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else [])
         messages.append({"role": "user", "content": user})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             **(template_kwargs or {}))
     head = f"{system}\n\n" if system else ""
     return f"{head}Question: {user}\nAnswer:"
 

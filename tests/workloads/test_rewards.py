@@ -305,12 +305,13 @@ QWEN3_LIKE = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}
               "{%- endif %}")  # Qwen3's thinking switch, reduced to what decides where an answer starts
 
 
-@pytest.mark.parametrize("template, want", [
-    (QWEN3_LIKE, "required"),  # thinking on: the model opens and closes its own block
-    (QWEN3_LIKE.replace("enable_thinking is defined and enable_thinking is false", "true"), "none"),  # closed
-    (None, "none"),  # a template without thinking (SmolLM2's own)
+@pytest.mark.parametrize("template, kwargs, want", [
+    (QWEN3_LIKE, "{}", "required"),  # thinking on: the model opens and closes its own block
+    (QWEN3_LIKE, "{enable_thinking: true}", "required"),
+    (QWEN3_LIKE, "{enable_thinking: false}", "none"),  # the prompt closes an empty thinking block
+    (None, "{enable_thinking: true}", "none"),  # a template without thinking (SmolLM2's own)
 ])
-def test_reward_thinking_auto_follows_the_chat_template(tokenizer, template, want):
+def test_reward_thinking_auto_follows_the_rendered_chat_template(tokenizer, template, kwargs, want):
     import copy
 
     from e3rl.config import load_config
@@ -319,7 +320,7 @@ def test_reward_thinking_auto_follows_the_chat_template(tokenizer, template, wan
     tok = copy.deepcopy(tokenizer)
     if template is not None:
         tok.chat_template = template
-    cfg = load_config()
+    cfg = load_config(None, [f"data.chat_template_kwargs={kwargs}"])
     assert cfg.reward.thinking == "auto"
     resolved = resolve_reward_thinking(cfg, tok)
     assert resolved.reward.thinking == want
