@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,14 @@ _RESUMABLE_CHANGES = ("run.steps", "run.progress", "resources.", "run.eval_every
                       "run.report", "run.max_skipped_steps", "run.fault.")
 
 
+def _as_saved(cfg: Config, old: Config) -> Config:
+    """`cfg` with what the driver resolves only later (`reward.thinking: auto`, from the tokenizer) taken
+    from the saved run, so the early check compares what is known; `prepare` checks the resolved config."""
+    if cfg.reward.thinking != "auto":
+        return cfg
+    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, thinking=old.reward.thinking))
+
+
 def check(cfg: Config) -> Path:
     """Refuse a dir holding a *different* run (or other files), writing nothing. -> the run dir."""
     out = Path(cfg.run.output_dir)
@@ -61,7 +70,7 @@ def check(cfg: Config) -> Path:
             old = config_from_dict(yaml.safe_load(saved.read_text()))
         except (ConfigError, yaml.YAMLError):
             old = None
-        diffs = ["(unreadable config.yaml)"] if old is None else _differences(old.to_dict(), cfg.to_dict())
+        diffs = ["(unreadable config.yaml)"] if old is None else _differences(old.to_dict(), _as_saved(cfg, old).to_dict())
         diffs = [d for d in diffs if not d.startswith(_RESUMABLE_CHANGES)]
         if diffs or cfg.run.resume == "never":
             why = f"it differs in {', '.join(diffs[:4])}" if diffs else "run.resume=never"
