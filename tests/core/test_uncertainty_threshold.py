@@ -204,6 +204,8 @@ def test_history_weights_early_steps_as_an_average_then_as_an_ema():
         h = h.update([10.0])
     # steps 4..10 weigh 1/4..1/10 (the old mean keeps 3/4 * ... * 9/10 = 3/10), then 1 - decay
     assert h.steps == 23 and h.mean == pytest.approx(10.0 - 8.0 * 0.3 * 0.9 ** 13)
+    saved = UncertaintyHistory(mean=2.0, var=1.0, count=500)  # a checkpoint from before steps were counted
+    assert saved.update([10.0]).mean == pytest.approx(0.95 * 2.0 + 0.05 * 10.0)  # past its horizon
 
 
 def test_budgets_gate_the_decision():
