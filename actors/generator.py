@@ -164,9 +164,8 @@ class RewindableGenerator:
                 tok: torch.Tensor, logp: torch.Tensor, logits: torch.Tensor) -> list:
         """Push the sampled tokens with their behaviour log-probs (under the sampling distribution) to
         the policy and carry out its decisions. -> rows to re-sample."""
-        g = self.gen
-        plain = g.temperature in (0.0, 1.0) and g.top_k == 0 and g.top_p == 1.0
-        surp = -logp if self.heal.surprisal_under == "sampling" or plain else -token_logprobs(z, tok, 1.0)
+        logp_is_surprisal = self.heal.surprisal_under == "sampling" or not self.gen.reshapes_policy
+        surp = -logp if logp_is_surprisal else -token_logprobs(z, tok, 1.0)
         decisions = policy.push([batch.rows[i] for i in need], tok.tolist(), logp.tolist(), surp.tolist(),
                                 batch.kv.pos[idx].tolist())
         if self.heal_active:

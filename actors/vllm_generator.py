@@ -42,8 +42,7 @@ SEED_RANGE = 2**31 - 1
 def logprobs_mode(gen: GenConfig, heal: HealConfig) -> str:
     """`raw_logprobs` when the healing signal must be the T = 1 policy's and sampling differs from
     it (temperature not 0 or 1, top-k, top-p); else `processed_logprobs` (the sampling distribution)."""
-    differs = gen.temperature not in (0.0, 1.0) or gen.top_k > 0 or gen.top_p < 1.0
-    return "raw_logprobs" if heal.surprisal_under == "policy" and differs else "processed_logprobs"
+    return "raw_logprobs" if heal.surprisal_under == "policy" and gen.reshapes_policy else "processed_logprobs"
 
 
 class VllmGenerator:

@@ -167,6 +167,13 @@ class GenConfig:
     """HF backend: max rows decoded together by one generator; 0 = all rows of its shard. (vLLM
     schedules rows by its KV budget, up to `gen.vllm.max_num_seqs`.)"""
 
+    @property
+    def reshapes_policy(self) -> bool:
+        """Whether tokens are drawn from another distribution than the T = 1 policy (a temperature
+        other than 0 or 1, top-k, top-p): then a sampled token's behaviour log-prob and its
+        surprisal under the policy differ. One rule for both engines and the config's checks."""
+        return self.temperature not in (0.0, 1.0) or self.top_k > 0 or self.top_p < 1.0
+
 
 @dataclass(frozen=True)
 class HealConfig:
@@ -527,9 +534,8 @@ def _validate(c: Config) -> None:
            "e.g. 0.85 when the GPU holds only the engine")
     _check(v.kv_cache_gib >= 0, "gen.vllm.kv_cache_gib", f"must be >= 0, got {v.kv_cache_gib}", "0 = automatic")
     _check(v.max_num_seqs >= 0, "gen.vllm.max_num_seqs", f"must be >= 0, got {v.max_num_seqs}", "0 = vLLM's default")
-    reshaped = g.temperature not in (0.0, 1.0) or g.top_k > 0 or g.top_p < 1.0
     _check(not (g.backend == "vllm" and c.algo.behaviour_logp == "generator" and c.heal.surprisal_under == "policy"
-                and reshaped), "algo.behaviour_logp",
+                and g.reshapes_policy), "algo.behaviour_logp",
            f"vLLM returns one log-prob per token: with heal.surprisal_under=policy and gen.temperature={g.temperature}, "
            f"top_k={g.top_k}, top_p={g.top_p} it is the T = 1 policy's, not the sampling distribution's",
            "set algo.behaviour_logp=recompute (the learner's log-probs stand in) or heal.surprisal_under=sampling")
