@@ -114,6 +114,10 @@ class RewardConfig:
     """Count only a committed answer, the last complete `\\boxed{}` (or a gym task's `<answer>` tag),
     as published math accuracies do. `false` lets a box-free response answer with its last number:
     an opt-in for small models that ignore the format (it also scores text cut off mid-thought)."""
+    rehearsal: bool = False
+    """Set by `--rehearse` only: the training reward is a seeded coin per response (a random-init
+    model earns no reward, so every advantage and gradient would be 0). Correctness, and with it
+    `reward/accuracy` and every evaluation number, is still the real verdict."""
     thinking: Literal["auto", "required", "none"] = "auto"
     """`required`: the model thinks first; score only the text after its closing `</think>` (none:
     scores 0). `none`: score the whole response. `auto`: `required` when the chat template has a

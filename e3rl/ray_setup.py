@@ -141,20 +141,23 @@ def check_resources(cfg: Config) -> None:
     """Refuse a run the cluster cannot place, naming the field to change."""
     import ray
 
-    r, l = cfg.resources, cfg.learner
     have = ray.cluster_resources()
+    problem = resource_shortfall(cfg, have.get("CPU", 0.0), have.get("GPU", 0.0), "the cluster")
+    if problem:
+        raise ConfigError(problem)
+
+
+def resource_shortfall(cfg: Config, cpu: float, gpu: float, where: str) -> str:
+    """Why `cpu` CPUs and `gpu` GPUs cannot hold the run's actors ("" if they can), as a config error line."""
+    r, l = cfg.resources, cfg.learner
     need_cpu = r.num_generators * r.cpus_per_generator + l.num_workers * r.cpus_per_learner
     need_gpu = r.num_generators * r.gpus_per_generator + l.num_workers * r.gpus_per_learner
-    cpu, gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if need_gpu > gpu + 1e-9:
-        raise ConfigError(
-            f"resources.gpus_per_generator: the run needs {need_gpu:g} GPUs "
-            f"({r.num_generators} generators x {r.gpus_per_generator:g} + {l.num_workers} learners x "
-            f"{r.gpus_per_learner:g}) but the cluster has {gpu:g} — lower them or add GPU nodes"
-        )
+        return (f"resources.gpus_per_generator: the run needs {need_gpu:g} GPUs "
+                f"({r.num_generators} generators x {r.gpus_per_generator:g} + {l.num_workers} learners x "
+                f"{r.gpus_per_learner:g}) but {where} has {gpu:g} — lower them or add GPU nodes")
     if need_cpu > cpu + 1e-9:
-        raise ConfigError(
-            f"resources.cpus_per_generator: the run needs {need_cpu:g} CPUs "
-            f"({r.num_generators} x {r.cpus_per_generator:g} + {l.num_workers} x {r.cpus_per_learner:g}) "
-            f"but the cluster has {cpu:g} — use fractional CPUs (e.g. 0.5) or fewer actors"
-        )
+        return (f"resources.cpus_per_generator: the run needs {need_cpu:g} CPUs "
+                f"({r.num_generators} x {r.cpus_per_generator:g} + {l.num_workers} x {r.cpus_per_learner:g}) "
+                f"but {where} has {cpu:g} — use fractional CPUs (e.g. 0.5) or fewer actors")
+    return ""

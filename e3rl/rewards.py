@@ -25,6 +25,7 @@ Ray workers or threads they raise or make every answer score 0. We switch them o
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import importlib
 import logging
 import math
@@ -220,9 +221,18 @@ def score_response(cfg: RewardConfig, response: str, problem: Problem) -> Score:
         correct = base == 1.0
     shaped = format_reward(text) if text is not None else 0.0
     reward = base + cfg.format_weight * shaped + cfg.partial_weight * partial
+    if cfg.rehearsal:
+        reward = rehearsal_coin(response, problem)
     if not math.isfinite(reward):
         raise ValueError(f"reward {reward} for problem {problem.uid} is not finite")
     return Score(reward, correct)
+
+
+def rehearsal_coin(response: str, problem: Problem) -> float:
+    """A rehearsal's training reward: 1 or 0 from a hash of the problem and the response, so it is
+    reproducible and varies within a group (`reward.rehearsal`)."""
+    digest = hashlib.blake2b(f"e3rl-rehearsal:{problem.uid}:{response}".encode(), digest_size=1).digest()
+    return float(digest[0] & 1)
 
 
 @lru_cache(maxsize=None)

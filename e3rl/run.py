@@ -1,4 +1,9 @@
-"""Entry point: `python -m e3rl.run [CONFIG.yaml] [section.key=value ...]`.
+"""Entry point: `python -m e3rl.run [CONFIG.yaml] [section.key=value ...] [--rehearse [--plan]]`.
+
+`--rehearse` runs the config end to end at toy size on this machine (a tiny model of the same
+architecture, lengths and batches scaled together, 2 steps with a resume) and checks what it
+exercised; `--rehearse --plan` prints what it would scale and checks the rest in seconds
+(e3rl/rehearsal). Run it before spending GPU hours on a config.
 
 Embedded (no cluster): starts a local Ray sized to this machine. On a cluster:
 `ray job submit --address http://HEAD:8265 --working-dir . -- python -m e3rl.run CONFIG.yaml`
@@ -18,14 +23,30 @@ from e3rl.config import ConfigError, RunHalted, load_config
 log = logging.getLogger("e3rl")
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """The first argument is a YAML path unless it is an override (contains `=`)."""
+FLAGS = ("--rehearse", "--plan")
+
+
+def _usage_error(message: str) -> None:
+    print(f"e3rl: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
+    """(YAML path, overrides, flags): the first argument is a YAML path unless it is an override
+    (contains `=`); flags may stand anywhere."""
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0)
+    flags = {a for a in argv if a.startswith("--")}
+    unknown = flags - set(FLAGS)
+    if unknown:
+        _usage_error(f"unknown option {sorted(unknown)[0]} — options: {', '.join(FLAGS)} (see --help)")
+    if "--plan" in flags and "--rehearse" not in flags:
+        _usage_error("--plan goes with --rehearse — python -m e3rl.run CONFIG --rehearse --plan")
+    argv = [a for a in argv if not a.startswith("--")]
     if argv and "=" not in argv[0]:
-        return argv[0], argv[1:]
-    return None, argv
+        return argv[0], argv[1:], flags
+    return None, argv, flags
 
 
 class StopFlag:
@@ -55,11 +76,15 @@ def _quiet_ray(was_up: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    path, overrides, flags = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ray_was_up = _ray_up()
     try:
         cfg = load_config(path, overrides)
+        if "--rehearse" in flags:
+            from e3rl.rehearsal.runner import rehearse
+
+            return rehearse(cfg, "--plan" in flags, StopFlag())
         from e3rl.session import run_session
 
         summary = run_session(cfg, StopFlag())
