@@ -115,9 +115,10 @@ class RewardConfig:
     as published math accuracies do. `false` lets a box-free response answer with its last number:
     an opt-in for small models that ignore the format (it also scores text cut off mid-thought)."""
     rehearsal: bool = False
-    """Set by `--rehearse` only: the training reward is a seeded coin per response (a random-init
-    model earns no reward, so every advantage and gradient would be 0). Correctness, and with it
-    `reward/accuracy` and every evaluation number, is still the real verdict."""
+    """Set by `--rehearse` only: a seeded coin per response stands in for the verifier (a random-init
+    model earns no reward, so every advantage and gradient would be 0, and dynamic sampling would
+    refill forever). Rewards, `correct`, `reward/accuracy` and evaluation numbers are then the coin's;
+    the real verifier still runs, logged as `reward/verified_accuracy`."""
     thinking: Literal["auto", "required", "none"] = "auto"
     """`required`: the model thinks first; score only the text after its closing `</think>` (none:
     scores 0). `none`: score the whole response. `auto`: `required` when the chat template has a

@@ -192,6 +192,8 @@ class Score:
     correct: bool
     timed_out: bool = False
     error: bool = False
+    verdict: bool | None = None
+    """A rehearsal's real verdict, when `correct` is its stand-in coin (`reward.rehearsal`)."""
 
 
 def score_response(cfg: RewardConfig, response: str, problem: Problem) -> Score:
@@ -220,16 +222,18 @@ def score_response(cfg: RewardConfig, response: str, problem: Problem) -> Score:
         base = math_reward(text, problem.answer, require_box=cfg.require_box)
         correct = base == 1.0
     shaped = format_reward(text) if text is not None else 0.0
-    reward = base + cfg.format_weight * shaped + cfg.partial_weight * partial
-    if cfg.rehearsal:
-        reward = rehearsal_coin(response, problem)
+    shaping = cfg.format_weight * shaped + cfg.partial_weight * partial
+    if cfg.rehearsal:  # the coin stands in for the verifier everywhere; the real verdict is kept for the log
+        coin = rehearsal_coin(response, problem)
+        return Score(coin + shaping, coin >= 1.0, verdict=correct)
+    reward = base + shaping
     if not math.isfinite(reward):
         raise ValueError(f"reward {reward} for problem {problem.uid} is not finite")
     return Score(reward, correct)
 
 
 def rehearsal_coin(response: str, problem: Problem) -> float:
-    """A rehearsal's training reward: 1 or 0 from a hash of the problem and the response, so it is
+    """A rehearsal's stand-in verdict: 1 or 0 from a hash of the problem and the response, so it is
     reproducible and varies within a group (`reward.rehearsal`)."""
     digest = hashlib.blake2b(f"e3rl-rehearsal:{problem.uid}:{response}".encode(), digest_size=1).digest()
     return float(digest[0] & 1)
@@ -241,11 +245,15 @@ def _user_reward_fn(spec: str) -> RewardFn:
 
 
 def score_stats(scores: Sequence[Score]) -> dict[str, float]:
-    """`reward/accuracy` (fraction correct) and the `reward/timeouts` / `reward/errors` counts."""
+    """`reward/accuracy` (fraction correct), the `reward/timeouts` / `reward/errors` counts, and in a
+    rehearsal `reward/verified_accuracy` (the real verifier's)."""
     n = max(len(scores), 1)
-    return {"reward/accuracy": sum(s.correct for s in scores) / n,
-            "reward/timeouts": float(sum(s.timed_out for s in scores)),
-            "reward/errors": float(sum(s.error for s in scores))}
+    out = {"reward/accuracy": sum(s.correct for s in scores) / n,
+           "reward/timeouts": float(sum(s.timed_out for s in scores)),
+           "reward/errors": float(sum(s.error for s in scores))}
+    if any(s.verdict is not None for s in scores):  # a rehearsal: its accuracy is the coin's, this the verifier's
+        out["reward/verified_accuracy"] = sum(bool(s.verdict) for s in scores) / n
+    return out
 
 
 def _worker_init() -> None:

@@ -22,8 +22,8 @@ The rules:
 - run: `REHEARSAL_STEPS` steps in `<output_dir>-rehearsal` (never the real run's dir, whose
   `resume: auto` would pick the rehearsal's checkpoints up), a checkpoint after every step.
 - reward: a random model earns none, so every advantage and gradient would be 0 (and DAPO's
-  dynamic sampling would refill forever): `reward.rehearsal` trains on a seeded coin instead,
-  while the real verdict is still computed and logged as `reward/accuracy`.
+  dynamic sampling would refill forever): under `reward.rehearsal` a seeded coin stands in for
+  the verifier, while the real verdict is still computed and logged (`reward/verified_accuracy`).
 """
 from __future__ import annotations
 
@@ -166,8 +166,8 @@ def rehearsal_config(cfg: Config, machine: Machine, cache: Path) -> tuple[Config
         put("model.path", str(model_dir), f"a tiny random {arch['model_type']} model of the same architecture "
             f"(its EOS row scaled so ~{TRUNCATED_SHARE:.0%} of responses run to the {max_new}-token cap)"
             + ("" if tokenizer else "; a stand-in tokenizer with the same special tokens and chat-template features"))
-    put("reward.rehearsal", True, "a random model earns no reward: train on a seeded coin (the real verdict "
-        "is still logged as reward/accuracy), or every advantage and gradient would be 0")
+    put("reward.rehearsal", True, "a random model earns no reward: a seeded coin stands in for the verifier "
+        "(the real verdict is logged as reward/verified_accuracy), or every advantage and gradient would be 0")
     out = tree["run"]["output_dir"].rstrip("/")
     put("run.output_dir", f"{out}-rehearsal", "never the real run's dir (its resume: auto would find these checkpoints)")
     put("run.steps", REHEARSAL_STEPS, "one step, a resume from its checkpoint, one more step")

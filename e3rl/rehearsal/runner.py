@@ -106,8 +106,9 @@ def _expected_architecture(stand: StandIns) -> str:
     return name if isinstance(name, str) else name[0]
 
 
-def rehearse(cfg: Config, plan_only: bool, stop: Any, out=sys.stdout) -> int:
+def rehearse(cfg: Config, plan_only: bool, stop: Any, out: Any = None) -> int:
     """Rehearse `cfg` (as loaded, overrides applied). 0 when every check passed, else 1."""
+    out = out or sys.stdout
     t0 = time.time()
     machine = Machine.detect()
     from e3rl.models import cache_root

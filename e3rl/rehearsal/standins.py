@@ -128,36 +128,52 @@ def _survival(model: torch.nn.Module, ids: torch.Tensor, start: int, ends: list[
     return float(log_live.exp().mean())
 
 
-def calibrate_eos(model: torch.nn.Module, prompt: list[int], eos: int, ends: list[int], length: int,
-                  survive: float, rows: int = 16, seed: int = 0) -> float:
+def _ids_of(model: torch.nn.Module, prompt: list[int], rows: int, length: int, ends: list[int]) -> torch.Tensor:
+    start = torch.tensor([prompt] * rows)
+    with torch.no_grad():
+        return model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=length,
+                              min_new_tokens=length, pad_token_id=ends[0], suppress_tokens=ends, top_k=None, top_p=None)
+
+
+def calibrate_eos(model: torch.nn.Module, prompts: list[list[int]], eos: int, ends: list[int], length: int,
+                  survive: float, rows: int = 8, rounds: int = 2, seed: int = 0) -> float:
     """Scale the EOS row of the output embedding so that a share `survive` of responses runs `length`
     tokens without an end token: a random model then ends some responses with EOS and leaves others
     truncated, with no change to either engine.
 
-    Exact, not a guess: scaling one logit leaves the other tokens' relative probabilities alone, so
-    the model's responses that survive are its EOS-suppressed samples, and P(survive) is the mean over
-    those samples of the product of 1 - P(end) along them (with tied embeddings the prompt's EOS
-    input row moves too; the forward is re-run on the scaled model each time). Returns the scale."""
+    By an identity, not a fit: scaling one logit leaves the other tokens' relative probabilities
+    alone, so the responses that survive are the model's EOS-suppressed samples, and P(survive) is
+    the mean over those samples of the product of 1 - P(end) along them. With tied embeddings the
+    prompt's EOS input row moves with the scale, so the samples are drawn again at the scale found
+    (`rounds`). Survival differs a lot between rows (a random model wanders into states where EOS
+    is likely, or not), hence `rows` samples for each of several prompts. Returns the scale."""
     torch.manual_seed(seed)
     head = model.get_output_embeddings().weight
     row = head[eos].detach().clone()
-    with torch.no_grad():
-        start = torch.tensor([prompt] * rows)
-        ids = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=length,
-                             min_new_tokens=length, pad_token_id=eos, suppress_tokens=ends)
-    lo, hi = 0.0, math.log(64.0)
-    for _ in range(20):
-        mid = (lo + hi) / 2
+    scale = 1.0
+    for _ in range(rounds):
+        samples = [(_ids_of(model, p, rows, length, ends), len(p)) for p in prompts]
+        lo, hi = 0.0, math.log(64.0)
+        for _ in range(16):
+            mid = (lo + hi) / 2
+            with torch.no_grad():
+                head[eos].copy_(row * math.exp(mid))
+            alive = sum(_survival(model, ids, start, ends) for ids, start in samples) / len(samples)
+            lo, hi = (mid, hi) if alive > survive else (lo, mid)
+        scale = math.exp((lo + hi) / 2)
         with torch.no_grad():
-            head[eos].copy_(row * math.exp(mid))
-        if _survival(model, ids, len(prompt), ends) > survive:
-            lo = mid
-        else:
-            hi = mid
-    scale = math.exp((lo + hi) / 2)
-    with torch.no_grad():
-        head[eos].copy_(row * scale)
+            head[eos].copy_(row * scale)
     return scale
+
+
+def calibration_prompts(tok: Any, n: int = 8) -> list[list[int]]:
+    """Chat-templated stand-in questions with the default instruction: prompts like a rehearsal's."""
+    out = []
+    for r in stand_in_rows("deepmath", n, seed=1):
+        text = tok.apply_chat_template([{"role": "user", "content": f"{r['question']} {DEFAULT_INSTRUCTION}"}],
+                                       tokenize=False, add_generation_prompt=True)
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
 
 
 def write_model(s: StandIns, seed: int = 0) -> Path:
@@ -180,11 +196,8 @@ def write_model(s: StandIns, seed: int = 0) -> Path:
     config = AutoConfig.for_model(model_type, **kw, bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=pad)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": "What is $2 + 3$?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    prompt = tok(text, add_special_tokens=False)["input_ids"]
     ends = sorted({eos, pad})
-    calibrate_eos(model, prompt, eos, ends, s.eos_tokens, s.eos_survive, seed=seed)
+    calibrate_eos(model, calibration_prompts(tok), eos, ends, s.eos_tokens, s.eos_survive, seed=seed)
     gen = GenerationConfig(eos_token_id=ends, pad_token_id=pad, bos_token_id=tok.bos_token_id)
 
     def write(tmp: Path) -> None:
