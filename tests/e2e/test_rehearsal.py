@@ -23,6 +23,13 @@ CONFIGS = ("qwen3-4b-e3rl", "qwen3-4b-dapo")
 @pytest.fixture(scope="module")
 def rehearsals(tmp_path_factory):
     root = tmp_path_factory.mktemp("rehearsals")
+    # both configs rehearse the same stand-ins: write them once, before two processes race to
+    from e3rl.config import load_config
+    from e3rl.models import cache_root
+    from e3rl.rehearsal.plan import Machine, rehearsal_config
+    from e3rl.rehearsal.standins import write_stand_ins
+
+    write_stand_ins(rehearsal_config(load_config(REPO / "configs" / f"{CONFIGS[0]}.yaml"), Machine.detect(), cache_root())[2])
     procs = {}
     for name in CONFIGS:
         log = root / f"{name}.log"
