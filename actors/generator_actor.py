@@ -130,10 +130,11 @@ class GeneratorWorker:
     def generate(self, prompts: list, group_ids: list, prompt_uids: Optional[list] = None,
                  problems: Optional[list] = None, group_size: Optional[int] = None,
                  heal: Optional[bool] = None, seed: Optional[int] = None,
-                 history: Optional[UncertaintyHistory] = None) -> tuple[list, dict]:
+                 history: Optional[UncertaintyHistory] = None, sampling: Optional[dict] = None) -> tuple[list, dict]:
         """Trajectories (scored when `problems` are given) and their stats.
 
-        `group_size` / `heal` override the config for evaluation (e.g. k samples, healing on/off).
+        `group_size` / `heal` / `sampling` (gen temperature, top_p, top_k) override the config for
+        evaluation (e.g. k samples, healing on/off, a model card's inference sampling).
         `seed` reseeds sampling, so a step's rollouts are a function of (run seed, step, shard):
         a regenerated shard or a resumed run samples exactly what the original would have.
         `history` is the run's threshold history (the driver owns it and sends it with every
@@ -151,6 +152,8 @@ class GeneratorWorker:
         saved = (g.gen, g.heal_active)
         if group_size is not None:
             g.gen = dataclasses.replace(g.gen, group_size=group_size)
+        if sampling:
+            g.gen = dataclasses.replace(g.gen, **sampling)
         if heal is not None:
             g.heal_active = heal
         try:

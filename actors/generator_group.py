@@ -98,7 +98,7 @@ class GeneratorGroup:
 
     def generate(self, problems: Sequence[Problem], prompts: Sequence[list[int]], group_ids: Sequence[int],
                  group_size: Optional[int] = None, heal: Optional[bool] = None,
-                 seed: Optional[int] = None) -> Rollout:
+                 seed: Optional[int] = None, sampling: Optional[dict] = None) -> Rollout:
         """One fan-out and gather; every actor is handed the same history. The history is left
         alone: a training step folds its judged first attempts in with `fold_history`, once (evaluation
         never does: held-out problems never shape training thresholds)."""
@@ -106,7 +106,7 @@ class GeneratorGroup:
         calls = {}
         for i, s in enumerate(shards):
             if len(s):
-                calls[i] = self._submit(i, s, problems, prompts, group_ids, group_size, heal, seed)
+                calls[i] = self._submit(i, s, problems, prompts, group_ids, group_size, heal, seed, sampling)
         refs, stats = [], []
         for i, (traj_ref, stats_ref) in calls.items():
             for attempt in range(self.max_restarts + 1):
@@ -121,7 +121,7 @@ class GeneratorGroup:
                     self.recovered_shards += 1
                     self._revive(i)
                     traj_ref, stats_ref = self._submit(i, shards[i], problems, prompts, group_ids, group_size, heal,
-                                                       seed)
+                                                       seed, sampling)
         first = [x for s in stats for x in s.pop(FIRST_ATTEMPTS_KEY, [])]
         outcomes = [s.pop(OUTCOMES_KEY, []) for s in stats]
         merged = merge_stats(stats) | {"gen/recovered_shards": float(self.recovered_shards)}
@@ -153,11 +153,11 @@ class GeneratorGroup:
                         raise
                     time.sleep(0.2)
 
-    def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, seed):
+    def _submit(self, i: int, s: range, problems, prompts, group_ids, group_size, heal, seed, sampling=None):
         a = self.actors[i]
         return a.generate.remote([prompts[j] for j in s], [group_ids[j] for j in s], [problems[j].uid for j in s],
                                  [problems[j] for j in s], group_size, heal,
-                                 None if seed is None else seed * 1009 + i, self.history)
+                                 None if seed is None else seed * 1009 + i, self.history, sampling)
 
     def torch_threads(self) -> list[int]:
         """Each generator's torch intra-op threads (see e3rl.models.actor_threads)."""

@@ -39,10 +39,13 @@ from e3rl.models import (eos_token_ids, hf_model_dir, model_max_length, resolve_
 SEED_RANGE = 2**31 - 1
 
 
-def logprobs_mode(gen: GenConfig, heal: HealConfig) -> str:
-    """`raw_logprobs` when the healing signal must be the T = 1 policy's and sampling differs from
-    it (temperature not 0 or 1, top-k, top-p); else `processed_logprobs` (the sampling distribution)."""
-    return "raw_logprobs" if heal.surprisal_under == "policy" and gen.reshapes_policy else "processed_logprobs"
+def logprobs_mode(heal: HealConfig, *gens: GenConfig) -> str:
+    """The one kind of log-prob an engine returns, for every sampling setting it will serve (training's
+    and evaluation's): `raw_logprobs` when the healing signal must be the T = 1 policy's and some
+    setting differs from it (temperature not 0 or 1, top-k, top-p); else `processed_logprobs` (the
+    sampling distribution). Where a setting does not reshape the policy the two are the same numbers."""
+    reshaped = any(g.reshapes_policy for g in gens)
+    return "raw_logprobs" if heal.surprisal_under == "policy" and reshaped else "processed_logprobs"
 
 
 class VllmGenerator:
@@ -70,7 +73,7 @@ class VllmGenerator:
         length = cfg.data.max_prompt_tokens + cfg.stream_cap
         limit = model_max_length(d, cfg.model)
         engine = VllmEngine(d, resolve_dtype(cfg.model.dtype, device), device, cfg.gen.vllm,
-                            min(length, limit) if limit else length, logprobs_mode(cfg.gen, cfg.heal), seed, threads,
+                            min(length, limit) if limit else length, logprobs_mode(cfg.heal, cfg.gen, cfg.eval_gen), seed, threads,
                             trust_remote_code=cfg.model.trust_remote_code)
         return cls(engine, tokenizer, cfg.gen, cfg.heal, cfg.heal_active, seed, stream_cap=cfg.stream_cap,
                    eos=eos_token_ids(tokenizer, saved_generation_config(d)))
@@ -166,9 +169,9 @@ class VllmGenerator:
 
 
 def _check_mode(engine: VllmEngine, gen: GenConfig, heal: HealConfig) -> None:
-    """An engine returns one kind of log-prob; a call whose sampling needs the other would mislabel them."""
-    want = logprobs_mode(gen, heal)
-    if engine.logprobs_mode != want and not (want == "processed_logprobs" and gen.temperature in (0.0, 1.0)
-                                             and gen.top_k == 0 and gen.top_p == 1.0):
+    """An engine returns one kind of log-prob; a call whose sampling needs the other would mislabel
+    them (unless its sampling does not reshape the policy: then raw and processed agree)."""
+    want = logprobs_mode(heal, gen)
+    if engine.logprobs_mode != want and gen.reshapes_policy:
         raise ValueError(f"this vLLM engine returns {engine.logprobs_mode}, but gen/heal now need {want}: "
                          "build the engine from the same gen.temperature / top_k / top_p / heal.surprisal_under")

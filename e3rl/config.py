@@ -433,6 +433,20 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """How held-out evaluation samples (in-run, and `python -m e3rl.eval` with a run's config): a
+    model card's inference settings belong here, since training rollouts stay at T = 1 untruncated
+    (surprisal, pi_old and the importance ratios assume it). Unset (null) = the `gen` value."""
+
+    temperature: Optional[float] = None
+    """Sampling temperature of evaluation; null = gen.temperature."""
+    top_p: Optional[float] = None
+    """Nucleus sampling mass of evaluation; null = gen.top_p."""
+    top_k: Optional[int] = None
+    """Top-k of evaluation (0 = off); null = gen.top_k."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -443,6 +457,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- derived values: the one place they are computed ----
     @property
@@ -454,6 +469,17 @@ class Config:
     def eval_heal_active(self) -> bool:
         """Evaluate with test-time self-healing too: as in training unless `run.eval_heal` says heal / plain."""
         return self.heal_active if self.run.eval_heal == "auto" else self.run.eval_heal == "heal"
+
+    @property
+    def eval_sampling(self) -> dict:
+        """The `gen` sampling fields evaluation overrides (`eval.*` where set)."""
+        e = self.eval
+        return {k: v for k, v in (("temperature", e.temperature), ("top_p", e.top_p), ("top_k", e.top_k)) if v is not None}
+
+    @property
+    def eval_gen(self) -> GenConfig:
+        """The generation settings evaluation samples with."""
+        return dataclasses.replace(self.gen, **self.eval_sampling)
 
     @property
     def allocation(self) -> str:
@@ -533,6 +559,12 @@ def _validate(c: Config) -> None:
     _check(g.temperature >= 0, "gen.temperature", f"must be >= 0, got {g.temperature}", "0 = greedy, 1 = plain sampling")
     _check(0 < g.top_p <= 1, "gen.top_p", f"must be in (0, 1], got {g.top_p}", "1 disables nucleus sampling")
     _check(g.top_k >= 0, "gen.top_k", f"must be >= 0, got {g.top_k}", "0 disables it")
+    e = c.eval
+    _check(e.temperature is None or e.temperature >= 0, "eval.temperature", f"must be >= 0, got {e.temperature}",
+           "e.g. 0.6 (Qwen3's card), or null for gen.temperature")
+    _check(e.top_p is None or 0 < e.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {e.top_p}",
+           "e.g. 0.95, or null for gen.top_p")
+    _check(e.top_k is None or e.top_k >= 0, "eval.top_k", f"must be >= 0, got {e.top_k}", "0 = off, or null for gen.top_k")
     v = g.vllm
     _check(v.block_size >= 0, "gen.vllm.block_size", f"must be >= 0, got {v.block_size}", "0 = 16 on GPU, 32 on CPU")
     _check(0 < v.memory_fraction <= 1, "gen.vllm.memory_fraction", f"must be in (0, 1], got {v.memory_fraction}",

@@ -169,7 +169,7 @@ def run_eval(cfg: Config, specs: Sequence[str], k: int, heal: str, size: Optiona
     with generator_group(cfg) as group:
         for mode in MODES[heal]:
             t0 = time.perf_counter()
-            results[mode] = evaluate(group, sets, k, heal=mode == "on", seed=cfg.run.seed)
+            results[mode] = evaluate(group, sets, k, heal=mode == "on", seed=cfg.run.seed, sampling=cfg.eval_sampling)
             seconds[mode] = time.perf_counter() - t0
     out = {"model": cfg.model.path, "k": k, "ks": default_ks(k), "heal": heal, "seed": cfg.run.seed,
            "problems": {s.name: len(s.problems) for s in sets}, "results": results, "seconds": seconds}

@@ -90,10 +90,11 @@ def run_session(cfg: Config, stop: Any) -> dict[str, Any]:
     def run_eval(step: int) -> dict[str, float]:
         """The plain policy's accuracy (`eval/…`, comparable across methods) and, where healing
         applies at test time, the healed accuracy under its own names (`eval_healed/…`)."""
-        plain = evaluate(roles.generators, eval_sets, k, heal=False, seed=cfg.run.seed + 7)
+        plain = evaluate(roles.generators, eval_sets, k, heal=False, seed=cfg.run.seed + 7, sampling=cfg.eval_sampling)
         out = flatten(plain) | {"eval/accuracy": headline(plain, k)}
         if cfg.eval_heal_active:
-            healed = evaluate(roles.generators, eval_sets, k, heal=True, seed=cfg.run.seed + 7)
+            healed = evaluate(roles.generators, eval_sets, k, heal=True, seed=cfg.run.seed + 7,
+                              sampling=cfg.eval_sampling)
             out |= flatten(healed, prefix="eval_healed") | {"eval/accuracy_healed": headline(healed, k)}
         return out
 

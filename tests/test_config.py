@@ -81,6 +81,9 @@ def test_default_yaml_is_the_embedded_default():
 
 # One row per `_check` in `_validate`: (the field its message must name, overrides that break it).
 BAD_VALUES = [
+    ("eval.temperature", ["eval.temperature=-0.5"]),
+    ("eval.top_p", ["eval.top_p=0"]),
+    ("eval.top_k", ["eval.top_k=-1"]),
     ("model.random_init", ["model.path=random"]),
     ("model.init_std", ["model.init_std=-0.1"]),
     ("data.train_size", ["data.train_size=-1"]),

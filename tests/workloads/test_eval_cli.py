@@ -97,6 +97,39 @@ def test_heal_both_runs_on_the_vllm_backend(ray_session, fixtures_dir, tmp_path)
     assert res["on"]["gym:chain_sum"]["samples"] == res["off"]["gym:chain_sum"]["samples"] == 2 * K
 
 
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_eval_sampling_settings_reach_the_generators(both, backend, ray_session, fixtures_dir, tmp_path):
+    """`eval.*` is how evaluation samples, on both engines: greedy (`eval.temperature=0`) makes a
+    problem's k samples one answer, so Avg@k == Pass@k (all or none) where T = 1 (the `both` run)
+    spreads them. On vLLM the engine is built for evaluation's setting too (heal.surprisal_under=
+    policy with a reshaped eval distribution needs the policy's log-probs), and healed evaluation
+    runs on it (greedy peers are identical, so nothing is erased there)."""
+    res1, _, data = both
+    assert any(abs(res1["results"]["off"][b][f"avg@{K}"] - res1["results"]["off"][b][f"pass@{K}"]) > 1e-9 for b in data)
+    path = tmp_path / "res.json"
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--data", data[0], "--data", data[1], "--size", "2",
+            "--k", str(K), "--heal", "both", "--out", str(path), "reward.fn=tests.workloads.test_eval_cli:coin_reward",
+            f"gen.backend={backend}", "gen.vllm.kv_cache_gib=0.25", "eval.temperature=0", "eval.top_k=5", *AGGRESSIVE]
+    rc, _, stderr = _run(argv)
+    assert rc == 0, stderr
+    res = json.loads(path.read_text())["results"]
+    for bench in data:
+        m = res["off"][bench]
+        assert m[f"avg@{K}"] == pytest.approx(m[f"pass@{K}"]) and m[f"avg@{K}"] in (0.0, 0.5, 1.0)
+    assert all(res["on"][b]["samples"] == 2 * K for b in data)  # healed evaluation ran on the same engine
+
+
+def test_eval_sampling_is_its_own_section():
+    from e3rl.config import ConfigError, load_config
+
+    cfg = load_config(ROOT / "configs/qwen3-4b-e3rl.yaml")
+    assert (cfg.gen.temperature, cfg.gen.top_p, cfg.gen.top_k) == (1.0, 1.0, 0)  # training: the untruncated policy
+    assert (cfg.eval_gen.temperature, cfg.eval_gen.top_p, cfg.eval_gen.top_k) == (0.6, 0.95, 20)  # the card's
+    assert load_config(None).eval_gen == load_config(None).gen  # unset: evaluation samples as training does
+    with pytest.raises(ConfigError, match=r"^eval\.top_p: "):
+        load_config(None, ["eval.top_p=1.5"])
+
+
 def test_model_dir_uses_its_tokenizer_and_the_runs_config(tmp_path):
     from e3rl.config import load_config, save_config
     from e3rl.eval import build_config, parse_args
