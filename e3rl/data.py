@@ -25,7 +25,8 @@ class Workload:
     stats: dict[str, LoadStats]
 
 
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
+    """A path on this machine (vs a hub dataset name or a gym task)."""
     return spec.startswith((".", "/", "~")) or Path(spec).suffix in (".jsonl", ".json", ".parquet")
 
 
@@ -57,7 +58,7 @@ def _load_source(spec: str, size: int, seed: int, cfg: Config, tokenizer: Any, f
             return load_gym(spec[4:], size, seed, **d.gym_kwargs)
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"{field}: reasoning-gym could not build {spec!r} ({e}) — check the task name and data.gym_kwargs") from None
-    if _looks_local(spec) and not Path(spec).expanduser().exists():
+    if looks_local(spec) and not Path(spec).expanduser().exists():
         raise ConfigError(f"{field}: dataset file {spec!r} does not exist — give a parquet/jsonl path, a hub name, or gym:<task>")
     difficulty = None if (d.difficulty_min, d.difficulty_max) == (0.0, 10.0) else (d.difficulty_min, d.difficulty_max)
     fmt, fmt_field = (d.format, "data.format") if field == "data.train" else (d.eval_format, "data.eval_format")

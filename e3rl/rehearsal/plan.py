@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from e3rl.config import Config, ConfigError, config_from_dict
+from e3rl.data import looks_local
 
 REHEARSAL_STEPS = 2
 """Training steps: one before the resume, one after."""
@@ -265,10 +266,6 @@ def _batches(cfg: Config, tree: dict, put) -> None:
         put("data.train_size", TRAIN_ROWS, "toy size")
 
 
-def _looks_local(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).suffix in (".jsonl", ".json", ".parquet")
-
-
 def data_schema(spec: str, fmt: str, train: bool) -> str:
     """The schema of a stand-in for a data source that is not here: the configured format, else
     what the name says (an AIME 2025 set has `question/answer`, AIME 2024 `problem/answer`)."""
@@ -292,7 +289,7 @@ def _data(cfg: Config, cache: Path, put) -> dict:
     written: dict = {}
 
     def source(spec: str, train: bool) -> str:
-        if spec.startswith("gym:") or (_looks_local(spec) and Path(spec).expanduser().exists()):
+        if spec.startswith("gym:") or (looks_local(spec) and Path(spec).expanduser().exists()):
             return spec
         schema = data_schema(spec, d.format if train else d.eval_format, train)
         rows = TRAIN_ROWS if train else 8
